@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from flowrunner.loader import find_project_root, load_project
+from flowrunner.app import build_runtime, open_database
+from flowrunner.errors import FlowrunnerError
+from flowrunner.loader import Project, find_project_root, load_project
 from flowrunner.schema import SchemaKind, json_schema
+from flowrunner.store.runs import RunRecord, StepRecord
 
 app = typer.Typer(
     help="Run YAML flows of HTTP steps on schedules and webhooks, with credentials kept alive.",
@@ -83,6 +89,240 @@ def schema(
         raise typer.BadParameter("use flow, profile or settings", param_hint="KIND")
     chosen: SchemaKind = kind  # type: ignore[assignment]
     sys.stdout.write(json.dumps(json_schema(chosen), indent=2) + "\n")
+
+
+def _parse_inputs(pairs: list[str]) -> dict[str, str]:
+    inputs: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"{pair!r}: write name=value", param_hint="--input")
+        key, value = pair.split("=", 1)
+        inputs[key.strip()] = value
+    return inputs
+
+
+_STATUS_STYLE = {"succeeded": "green", "failed": "red", "skipped": "dim", "continued": "yellow"}
+
+
+def _print_step(step: StepRecord) -> None:
+    style = _STATUS_STYLE.get(step.status, "white")
+    line = f"[{style}]{step.status:>9}[/] {step.path} ({step.kind}, {step.duration_ms:.0f} ms)"
+    if step.request:
+        line += f"  {escape(step.request['method'])} {escape(step.request['url'])}"
+    if step.response and step.response.get("status"):
+        line += f" -> {step.response['status']}"
+    if step.attempts > 1:
+        line += f" after {step.attempts} attempts"
+    out.print(line)
+    if step.message:
+        out.print(f"          {escape(step.message)}")
+    if step.error:
+        out.print(f"          [red]{escape(step.error)}[/]")
+
+
+def _print_dry_run(step: StepRecord) -> None:
+    if step.request:
+        out.print(
+            f"[bold]{escape(step.path)}[/]: {escape(step.request['method'])} "
+            f"{escape(step.request['url'])}"
+        )
+        if step.request.get("auth"):
+            out.print(f"    (auth profile {escape(step.request['auth'])} applied when sent)")
+        for name, value in step.request["headers"].items():
+            out.print(f"    {escape(name)}: {escape(str(value))}")
+        if step.request.get("body"):
+            out.print(f"    {escape(str(step.request['body']))}")
+    elif step.message:
+        out.print(f"[bold]{escape(step.path)}[/]: {escape(step.message)}")
+
+
+def _load_for_run(project: Path | None) -> Project:
+    loaded = load_project(_project_root(project))
+    for problem in loaded.problems:
+        err.print(f"warning: {problem.format()}", markup=False)
+    return loaded
+
+
+@app.command()
+def run(
+    flow: Annotated[str, typer.Argument(help="The flow's name.")],
+    inputs: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="An input, as name=value.")
+    ] = None,
+    body: Annotated[
+        Path | None, typer.Option("--body", help="A JSON file used as the webhook body.")
+    ] = None,
+    user_token: Annotated[
+        str | None,
+        typer.Option(
+            "--user-token",
+            envvar="FLOWRUNNER_USER_TOKEN",
+            help="The connected user's token (better: the env variable).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the requests, secrets masked; send nothing.")
+    ] = False,
+    project: ProjectOption = None,
+) -> None:
+    """Run a flow once, now, printing its steps as they go."""
+    loaded = _load_for_run(project)
+    trigger: dict[str, Any] = {"kind": "manual"}
+    if body is not None:
+        try:
+            trigger["body"] = json.loads(body.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot read {body}: {exc}", param_hint="--body") from None
+        trigger.update(headers={}, query={}, method="POST", path="")
+    if user_token:
+        trigger.setdefault("headers", {})["authorization"] = f"Bearer {user_token}"
+    record = asyncio.run(
+        _run_once(loaded, flow, trigger, _parse_inputs(inputs or []), user_token, dry_run)
+    )
+    if record.status == "succeeded":
+        out.print(f"[green]run {record.id} succeeded[/]")
+        if record.outputs:
+            out.print_json(json.dumps(record.outputs, default=str))
+    else:
+        out.print(f"[red]run {record.id} failed:[/] {escape(record.error or '')}")
+        raise typer.Exit(1)
+
+
+async def _run_once(
+    loaded: Project,
+    flow: str,
+    trigger: dict[str, Any],
+    inputs: dict[str, str],
+    user_token: str | None,
+    dry_run: bool,
+    run_id: str | None = None,
+) -> RunRecord:
+    # A dry run sends nothing, so it leaves nothing in the history either.
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=not dry_run)
+    try:
+        return await runtime.engine.run(
+            flow,
+            trigger=trigger,
+            inputs=inputs,
+            user_token=user_token,
+            dry_run=dry_run,
+            run_id=run_id,
+            on_step=_print_dry_run if dry_run else _print_step,
+        )
+    except FlowrunnerError as exc:
+        err.print(f"[red]{escape(exc.message)}[/]")
+        raise typer.Exit(exc.exit_code) from None
+    finally:
+        await runtime.aclose()
+
+
+runs_app = typer.Typer(help="Run history.", no_args_is_help=False)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_default(ctx: typer.Context, project: ProjectOption = None) -> None:
+    """List recent runs (same as 'runs list')."""
+    if ctx.invoked_subcommand is None:
+        runs_list(project=project)
+
+
+@runs_app.command("list")
+def runs_list(
+    flow: Annotated[str | None, typer.Option("--flow", help="Only this flow.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 20,
+    project: ProjectOption = None,
+) -> None:
+    """The most recent runs, newest first."""
+    loaded = load_project(_project_root(project))
+    database, history = open_database(loaded)
+    try:
+        table = Table("id", "flow", "status", "started", "duration", "error", box=None)
+        for record in history.list_runs(flow, limit):
+            duration = (
+                f"{(record.finished_at - record.started_at).total_seconds():.2f}s"
+                if record.finished_at
+                else ""
+            )
+            style = _STATUS_STYLE.get(record.status, "white")
+            table.add_row(
+                record.id[:8],
+                record.flow,
+                f"[{style}]{record.status}[/]",
+                record.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                duration,
+                escape((record.error or "")[:80]),
+            )
+        out.print(table)
+    finally:
+        database.close()
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="A run id (a prefix is enough).")],
+    project: ProjectOption = None,
+) -> None:
+    """Every step of a run: request, response, outputs and timing."""
+    loaded = load_project(_project_root(project))
+    database, history = open_database(loaded)
+    try:
+        record = history.get_run(run_id)
+    finally:
+        database.close()
+    if record is None:
+        err.print(f"no run {run_id}")
+        raise typer.Exit(1)
+    out.print(f"[bold]run {record.id}[/]  flow {record.flow}  {record.status}")
+    out.print(f"started {record.started_at}  finished {record.finished_at}")
+    out.print(f"trigger: {escape(json.dumps(record.trigger, default=str))}")
+    out.print(f"inputs: {escape(json.dumps(record.inputs, default=str))}")
+    if record.error:
+        out.print(f"[red]error: {escape(record.error)}[/]")
+    for step in record.steps:
+        _print_step(step)
+        if step.request:
+            out.print(f"          request: {escape(json.dumps(step.request, default=str))}")
+        if step.response:
+            out.print(f"          response: {escape(json.dumps(step.response, default=str))}")
+        if step.outputs is not None:
+            out.print(f"          outputs: {escape(json.dumps(step.outputs, default=str))}")
+    if record.outputs is not None:
+        out.print(f"outputs: {escape(json.dumps(record.outputs, default=str))}")
+
+
+@runs_app.command("rerun")
+def runs_rerun(
+    run_id: Annotated[str, typer.Argument(help="A run id (a prefix is enough).")],
+    project: ProjectOption = None,
+) -> None:
+    """Run a flow again with the same trigger payload and inputs."""
+    loaded = _load_for_run(project)
+    database, history = open_database(loaded)
+    try:
+        record = history.get_run(run_id)
+    finally:
+        database.close()
+    if record is None:
+        err.print(f"no run {run_id}")
+        raise typer.Exit(1)
+    if "***" in json.dumps(record.trigger, default=str):
+        err.print("note: masked values in the original trigger are replayed as '***'")
+    result = asyncio.run(_run_once(loaded, record.flow, record.trigger, record.inputs, None, False))
+    out.print(f"run {result.id} {result.status} (rerun of {record.id})")
+    if result.status != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 8900,
+) -> None:
+    """Serve a local API that behaves like the seed systems, for the example flows."""
+    from flowrunner.sandbox import serve_sandbox
+
+    err.print(f"sandbox on http://127.0.0.1:{port} (admin view: /_admin/stats)")
+    serve_sandbox(port=port)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flowrunner.errors import ExpressionError
+from flowrunner.secrets import current_masker
 
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.DOTALL)
 # A `{{ x }}` without the `$`: almost always a forgotten dollar sign.
@@ -59,8 +60,12 @@ def _jsonpath(value: Any, path: str) -> Any:
 
 
 def _b64encode(value: Any) -> str:
-    data = value if isinstance(value, bytes) else str(value).encode()
-    return base64.b64encode(data).decode("ascii")
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    encoded = base64.b64encode(text.encode()).decode("ascii")
+    masker = current_masker.get()
+    if masker is not None and masker.contains_secret(text):
+        masker.add(encoded)  # a Basic header built from a password is a secret too
+    return encoded
 
 
 def _b64decode(value: str) -> str:
@@ -133,7 +138,10 @@ class Expression:
                 tree = env.parse("{{ " + self.source + " }}")
                 compiled = env.compile_expression(self.source, undefined_to_none=False)
             except jinja2.TemplateSyntaxError as exc:
-                raise ExpressionSyntaxError(self.source, exc.message or str(exc)) from None
+                reason = (exc.message or str(exc)).replace(
+                    "'end of print statement'", "the end of the expression"
+                )
+                raise ExpressionSyntaxError(self.source, reason) from None
             self.references = tuple(_references(tree))
             self._evaluate = compiled
 

@@ -1,0 +1,3 @@
+from flowrunner.cli import main
+
+main()

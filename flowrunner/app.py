@@ -1,0 +1,69 @@
+"""The composition root: settings → state store, HTTP client, auth, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from flowrunner.auth import ProfileAuth
+from flowrunner.engine import Engine
+from flowrunner.events import EventBus
+from flowrunner.history import record_history
+from flowrunner.loader import Project, load_project
+from flowrunner.secrets import SecretStore
+from flowrunner.store import Database, RunHistory, default_database_url
+
+DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+
+
+def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """One pooled client for the process, over aiohttp's transport: httpx's API (auth flows,
+    MockTransport in tests) at a fraction of its default transport's per-request cost."""
+    return httpx.AsyncClient(
+        transport=transport or AiohttpTransport(limits=DEFAULT_LIMITS),
+        timeout=httpx.Timeout(30.0),
+        headers={"User-Agent": "flowrunner"},
+    )
+
+
+def database_url(project: Project) -> str:
+    return project.settings.database_url or default_database_url(project.root)
+
+
+@dataclass
+class Runtime:
+    project: Project
+    database: Database
+    history: RunHistory
+    engine: Engine
+    client: httpx.AsyncClient
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self.database.close()
+
+
+def open_database(project: Project) -> tuple[Database, RunHistory]:
+    database = Database.open(database_url(project))
+    return database, RunHistory(database)
+
+
+def build_runtime(
+    root: Path,
+    *,
+    project: Project | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    keep_history: bool = True,
+) -> Runtime:
+    project = project or load_project(root)
+    database, history = open_database(project)
+    secrets = SecretStore(project.root)
+    bus = EventBus()
+    if keep_history:
+        record_history(bus, history)
+    client = make_client(transport)
+    engine = Engine(project, client, ProfileAuth(project, secrets), secrets, bus)
+    return Runtime(project, database, history, engine, client)

@@ -1,0 +1,356 @@
+"""The run engine: executes a validated flow, step by step, and publishes run events.
+
+A failing step, a failing expression or an unexpected exception inside a step ends
+that run (or that step, with ``on_error: continue``); it never escapes into the
+process that hosts the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from flowrunner.errors import ExpressionError, FlowrunnerError
+from flowrunner.events import EventBus, RunEvent
+from flowrunner.loader import Project
+from flowrunner.model import (
+    CallStep,
+    FailStep,
+    Flow,
+    ForEachStep,
+    GroupStep,
+    HttpStep,
+    InputSpec,
+    LogStep,
+    RespondStep,
+    SetStep,
+    Step,
+    SwitchStep,
+    WaitStep,
+)
+from flowrunner.runtime import (
+    AuthProvider,
+    FlowFailed,
+    RunContext,
+    RunStatus,
+    Scope,
+    StepFailed,
+    StepResult,
+    StepStatus,
+    elapsed_ms,
+    step_result,
+)
+from flowrunner.secrets import Masker, SecretStore, current_masker
+from flowrunner.steps import basic, control
+from flowrunner.steps.http import run_http_step
+from flowrunner.store.runs import RunRecord, StepRecord
+
+log = logging.getLogger("flowrunner.engine")
+MAX_CALL_DEPTH = 10
+_SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-key")
+
+
+class Engine:
+    def __init__(
+        self,
+        project: Project,
+        client: httpx.AsyncClient,
+        auth: AuthProvider,
+        secrets: SecretStore,
+        bus: EventBus | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.project = project
+        self.client = client
+        self.auth = auth
+        self.secrets = secrets
+        self.bus = bus or EventBus()
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def flow(self, name: str) -> Flow:
+        loaded = self.project.flows.get(name)
+        if loaded is None:
+            if name in self.project.broken_flows:
+                raise FlowrunnerError(
+                    f"flow '{name}' has validation errors; run 'flowrunner validate' to see them"
+                )
+            raise FlowrunnerError(f"no flow named '{name}'")
+        return loaded.flow
+
+    async def run(
+        self,
+        flow_name: str,
+        *,
+        trigger: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        user_token: str | None = None,
+        run_id: str | None = None,
+        dry_run: bool = False,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunRecord:
+        flow = self.flow(flow_name)
+        masker = Masker()
+        masker_token = current_masker.set(masker)
+        try:
+            return await self._run(
+                flow,
+                trigger or {},
+                inputs or {},
+                user_token,
+                run_id or str(uuid.uuid4()),
+                dry_run,
+                on_step,
+                masker,
+            )
+        finally:
+            current_masker.reset(masker_token)
+
+    async def _run(
+        self,
+        flow: Flow,
+        trigger: dict[str, Any],
+        inputs: dict[str, Any],
+        user_token: str | None,
+        run_id: str,
+        dry_run: bool,
+        on_step: Callable[[StepRecord], None] | None,
+        masker: Masker,
+    ) -> RunRecord:
+        if user_token:
+            masker.add(user_token)
+            masker.add(user_token.removeprefix("Bearer ").strip())
+        headers = trigger.get("headers") or {}
+        for name, value in headers.items():
+            if str(name).lower() in _SENSITIVE_HEADERS:
+                masker.add(value)
+                masker.add(str(value).split(" ", 1)[-1])
+        record = RunRecord(
+            id=run_id,
+            flow=flow.name,
+            status=RunStatus.RUNNING,
+            trigger=masker.mask_value(trigger),  # type: ignore[arg-type]
+            inputs=masker.mask_value(inputs),  # type: ignore[arg-type]
+            started_at=self.clock(),
+        )
+        context = RunContext(
+            run_id=run_id,
+            flow_name=flow.name,
+            started_at=record.started_at,
+            masker=masker,
+            client=self.client,
+            auth=self.auth,
+            run_steps=self._run_steps,
+            call_flow=self._call_flow,
+            user_token=user_token,
+            dry_run=dry_run,
+            on_step=on_step,
+        )
+        await self.bus.publish(RunEvent("run_started", record))
+        try:
+            timeout = flow.timeout.total_seconds() if flow.timeout else None
+            async with asyncio.timeout(timeout):
+                record.outputs = await self._execute(flow, trigger, inputs, context, "")
+            record.status = RunStatus.SUCCEEDED
+        except TimeoutError:
+            record.status = RunStatus.FAILED
+            record.error = f"the run exceeded the flow's timeout of {flow.timeout}"
+        except (StepFailed, ExpressionError) as failure:
+            record.status = RunStatus.FAILED
+            step = getattr(failure, "step", None)
+            prefix = "" if isinstance(failure, FlowFailed) or not step else f"step {step}: "
+            record.error = masker.mask(prefix + failure.message)
+        except Exception as exc:  # a bug of ours must not take the process down
+            log.exception("run %s of %s failed unexpectedly", run_id, flow.name)
+            record.status = RunStatus.FAILED
+            record.error = masker.mask(f"internal error: {type(exc).__name__}: {exc}")
+        record.finished_at = self.clock()
+        record.steps = context.records
+        record.response = context.response
+        if record.outputs is not None:
+            record.outputs = masker.mask_value(record.outputs)
+        await self.bus.publish(RunEvent("run_finished", record))
+        return record
+
+    async def _execute(
+        self,
+        flow: Flow,
+        trigger: dict[str, Any],
+        inputs: dict[str, Any],
+        context: RunContext,
+        prefix: str,
+    ) -> Any:
+        resolved = resolve_inputs(flow.inputs, inputs)
+        scope = Scope(
+            {
+                "trigger": trigger,
+                "inputs": resolved,
+                "vars": {},
+                "steps": {},
+                "secrets": self.secrets.view(context.masker),
+                "run": {
+                    "id": context.run_id,
+                    "flow": flow.name,
+                    "started_at": context.started_at.isoformat(),
+                    "user": context.user,
+                },
+            },
+            context,
+        )
+        for name, value in flow.vars.items():
+            scope.names["vars"][name] = scope.render(value)
+        await self._run_steps(flow.steps, scope, prefix)
+        return scope.render(flow.outputs) if flow.outputs else None
+
+    async def _run_steps(self, steps: list[Step], scope: Scope, prefix: str) -> None:
+        for step in steps:
+            await self._run_step(step, scope, prefix)
+
+    async def _run_step(self, step: Step, scope: Scope, prefix: str) -> None:
+        run = scope.run
+        path = f"{prefix}.{step.id}" if prefix else step.id
+        started = time.perf_counter()
+        record = StepRecord(
+            seq=0,
+            path=path,
+            kind=step.kind,
+            status=StepStatus.SUCCEEDED,
+            started_at=datetime.now(UTC),
+            duration_ms=0,
+        )
+        call = None
+        try:
+            if step.if_ is not None and not scope.condition(step.if_):
+                record.status = StepStatus.SKIPPED
+                scope.steps[step.id] = step_result()
+                return
+            timeout = step.timeout.total_seconds() if step.timeout else None
+            async with asyncio.timeout(timeout):
+                result, call, message = await self._dispatch(step, scope, run, path)
+            record.message = message
+            record.outputs = run.excerpt(result["outputs"]) if result["outputs"] else None
+            scope.steps[step.id] = result
+        except Exception as failure:
+            call = getattr(failure, "call", None) or call
+            message = _failure_message(failure, step)
+            if run.dry_run and isinstance(failure, ExpressionError):
+                # Without responses, later steps cannot be rendered; say so and go on.
+                record.status = StepStatus.SKIPPED
+                record.message = f"not rendered in a dry run: {message}"
+                scope.steps[step.id] = step_result()
+                return
+            result = getattr(failure, "result", None) or step_result()
+            result["error"] = message
+            record.error = message
+            if isinstance(failure, StepFailed) and failure.step and failure.step != step.id:
+                record.error = f"in step {failure.step}: {message}"
+            if not isinstance(failure, StepFailed | ExpressionError | TimeoutError):
+                log.exception("step %s failed unexpectedly", path)
+            if step.on_error == "continue" and not isinstance(failure, FlowFailed):
+                record.status = StepStatus.CONTINUED
+                scope.steps[step.id] = result
+            else:
+                record.status = StepStatus.FAILED
+                raise _as_step_failure(failure, step, message) from None
+        finally:
+            if call is not None:
+                record.request = call.request_record
+                record.response = call.response_record
+                record.attempts = call.attempts
+            record.duration_ms = elapsed_ms(started)
+            run.record(record)
+
+    async def _dispatch(
+        self, step: Step, scope: Scope, run: RunContext, path: str
+    ) -> tuple[StepResult, Any, str | None]:
+        if isinstance(step, HttpStep):
+            result, call = await run_http_step(step, scope, run)
+            return result, call, None
+        if isinstance(step, SetStep):
+            return await basic.run_set(step, scope, run), None, None
+        if isinstance(step, ForEachStep):
+            return await control.run_for_each(step, scope, run, path), None, None
+        if isinstance(step, GroupStep):
+            return await control.run_group(step, scope, run, path), None, None
+        if isinstance(step, SwitchStep):
+            return await control.run_switch(step, scope, run, path), None, None
+        if isinstance(step, CallStep):
+            return await control.run_call(step, scope, run, path), None, None
+        if isinstance(step, WaitStep):
+            return await basic.run_wait(step, scope, run), None, None
+        if isinstance(step, LogStep):
+            result, message = await basic.run_log(step, scope, run)
+            return result, None, message
+        if isinstance(step, FailStep):
+            return await basic.run_fail(step, scope, run), None, None
+        if isinstance(step, RespondStep):
+            return await basic.run_respond(step, scope, run), None, None
+        raise StepFailed(f"unknown step kind {step.kind}")
+
+    async def _call_flow(
+        self, name: str, inputs: dict[str, Any], run: RunContext, path: str
+    ) -> Any:
+        if path.count(">") >= MAX_CALL_DEPTH:
+            raise StepFailed(f"calls nest deeper than {MAX_CALL_DEPTH} flows; is there a loop?")
+        return await self._execute(self.flow(name), {}, inputs, run, f"{path}>")
+
+
+def _failure_message(failure: BaseException, step: Step) -> str:
+    if isinstance(failure, TimeoutError):
+        return f"timed out after {step.timeout}" if step.timeout else "timed out"
+    if isinstance(failure, StepFailed | ExpressionError):
+        return failure.message
+    return f"internal error: {type(failure).__name__}: {failure}"
+
+
+def _as_step_failure(failure: BaseException, step: Step, message: str) -> StepFailed:
+    if isinstance(failure, FlowFailed):
+        return failure
+    if isinstance(failure, StepFailed) and failure.step:
+        return failure
+    return StepFailed(message, step=step.id)
+
+
+_COERCE: dict[str, Callable[[str], Any]] = {
+    "string": str,
+    "integer": int,
+    "number": float,
+    "boolean": lambda text: text.strip().lower() in ("1", "true", "yes", "on"),
+}
+
+
+def resolve_inputs(specs: dict[str, InputSpec], given: dict[str, Any]) -> dict[str, Any]:
+    """Apply defaults, check required inputs, and read text (``--input k=v``) as its type."""
+    unknown = [name for name in given if name not in specs]
+    if unknown:
+        raise StepFailed(
+            f"unknown input '{unknown[0]}'; this flow takes: {', '.join(specs) or 'no inputs'}"
+        )
+    resolved: dict[str, Any] = {}
+    for name, spec in specs.items():
+        if name not in given:
+            if spec.required:
+                raise StepFailed(f"input '{name}' is required")
+            resolved[name] = spec.default
+            continue
+        value = given[name]
+        if isinstance(value, str) and spec.type in _COERCE:
+            try:
+                value = _COERCE[spec.type](value)
+            except ValueError:
+                raise StepFailed(f"input '{name}' must be {spec.type}, got {value!r}") from None
+        elif isinstance(value, str) and spec.type in ("object", "array"):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise StepFailed(f"input '{name}' must be JSON ({spec.type})") from None
+        resolved[name] = value
+    return resolved

@@ -1,0 +1,132 @@
+"""Secret values: where they come from, and how they are kept out of everything we write.
+
+Values come from the environment first, then the project's ``.env``. Every value an
+expression reads through ``secrets.NAME``, and every credential an auth profile applies,
+is registered with the run's :class:`Masker`, which replaces it (and its base64 form)
+wherever it appears in logs, run records and error messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from flowrunner.errors import ExpressionError
+
+MASK = "***"
+# Shorter values would mask ordinary words and numbers all over the history.
+MIN_SECRET_LENGTH = 4
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``KEY=value`` lines; ``#`` comments, optional ``export`` and quotes."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+class Masker:
+    """Replaces registered secret values in text, including inside longer strings."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: object) -> None:
+        if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH:
+            return
+        forms = {value, base64.b64encode(value.encode()).decode("ascii")}
+        forms.add(base64.urlsafe_b64encode(value.encode()).decode("ascii").rstrip("="))
+        new = forms - self._values
+        if new:
+            self._values |= new
+            self._pattern = None
+
+    def __contains__(self, value: str) -> bool:
+        return value in self._values
+
+    def mask(self, text: str) -> str:
+        if not self._values or not text:
+            return text
+        if self._pattern is None:
+            ordered = sorted(self._values, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+        return self._pattern.sub(MASK, text)
+
+    def mask_value(self, value: object) -> object:
+        """Mask every string inside a JSON-like value."""
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, dict):
+            return {self.mask(str(k)): self.mask_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.mask_value(v) for v in value]
+        return value
+
+    def contains_secret(self, text: str) -> bool:
+        return bool(self._values) and self.mask(text) != text
+
+
+# The masker of the run being executed, so that filters such as b64encode can register
+# what they derive from a secret (a Basic header built from a password, say).
+current_masker: contextvars.ContextVar[Masker | None] = contextvars.ContextVar(
+    "current_masker", default=None
+)
+
+
+class SecretStore:
+    """The secrets available to a project: environment first, then ``.env``."""
+
+    def __init__(self, project_root: Path | None = None, environ: Mapping[str, str] | None = None):
+        self._environ = os.environ if environ is None else environ
+        self._dotenv = read_dotenv(project_root / ".env") if project_root else {}
+
+    def get(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return value if value is not None else self._dotenv.get(name)
+
+    def view(self, masker: Masker) -> SecretsView:
+        return SecretsView(self, masker)
+
+
+class SecretsView(Mapping[str, str]):
+    """What ``secrets.NAME`` reads in an expression; every value read gets masked."""
+
+    def __init__(self, store: SecretStore, masker: Masker) -> None:
+        self._store = store
+        self._masker = masker
+
+    def __getitem__(self, name: str) -> str:
+        value = self._store.get(name)
+        if value is None:
+            raise ExpressionError(
+                f"secret {name} is not set: export {name}=... or add it to the project's .env"
+            )
+        self._masker.add(value)
+        return value
+
+    def __getattr__(self, name: str) -> str:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0

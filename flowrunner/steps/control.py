@@ -1,0 +1,71 @@
+"""Steps that run other steps: ``for_each``, ``group``, ``switch`` and ``call``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from flowrunner.expressions import to_text
+from flowrunner.model import CallStep, ForEachStep, GroupStep, SwitchStep
+from flowrunner.runtime import RunContext, Scope, StepFailed, StepResult, step_result
+
+
+async def run_for_each(step: ForEachStep, scope: Scope, run: RunContext, path: str) -> StepResult:
+    items = scope.render(step.for_each) if isinstance(step.for_each, str) else step.for_each
+    if isinstance(items, dict):
+        items = [{"key": k, "value": v} for k, v in items.items()]
+    if items is None:
+        items = []
+    if not isinstance(items, list | tuple):
+        raise StepFailed(f"for_each needs a list, got {type(items).__name__}")
+    results: list[Any] = [None] * len(items)
+    limit = asyncio.Semaphore(step.concurrency)
+
+    async def one(index: int, item: Any) -> None:
+        async with limit:
+            child = scope.child(item=item, index=index)
+            await run.run_steps(step.steps, child, f"{path}[{index}]")
+            results[index] = {s.id: child.steps.get(s.id) for s in step.steps}
+
+    if step.concurrency == 1:
+        for index, item in enumerate(items):
+            await one(index, item)
+    else:
+        async with asyncio.TaskGroup() as group:
+            for index, item in enumerate(items):
+                group.create_task(one(index, item))
+    return step_result(outputs=results)
+
+
+async def run_group(step: GroupStep, scope: Scope, run: RunContext, path: str) -> StepResult:
+    try:
+        await run.run_steps(step.group, scope, path)
+    except StepFailed as failure:
+        if not step.catch:
+            raise
+        error = {"message": failure.message, "step": failure.step}
+        try:
+            await run.run_steps(step.catch, scope.child(error=error), f"{path}.catch")
+        finally:
+            if step.finally_:
+                await run.run_steps(step.finally_, scope, f"{path}.finally")
+        return step_result(error=failure.message)
+    if step.finally_:
+        await run.run_steps(step.finally_, scope, f"{path}.finally")
+    return step_result()
+
+
+async def run_switch(step: SwitchStep, scope: Scope, run: RunContext, path: str) -> StepResult:
+    value = to_text(scope.condition(step.switch))
+    chosen = step.cases.get(value)
+    if chosen is None:
+        chosen = step.default
+        value = "default"
+    await run.run_steps(chosen, scope, f"{path}.{value}")
+    return step_result(outputs={"case": value})
+
+
+async def run_call(step: CallStep, scope: Scope, run: RunContext, path: str) -> StepResult:
+    inputs = scope.render(step.inputs)
+    outputs = await run.call_flow(step.call, inputs, run, path)
+    return step_result(outputs=outputs)

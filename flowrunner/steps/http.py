@@ -1,0 +1,368 @@
+"""The ``http`` step: render the request, apply the auth profile, send with retries,
+follow pagination, and extract outputs with JSONPath."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+
+from flowrunner.expressions import to_text
+from flowrunner.jsonpaths import compile_jsonpath
+from flowrunner.model import IDEMPOTENT_METHODS, HttpStep, Retry
+from flowrunner.model.base import status_matches
+from flowrunner.runtime import RunContext, Scope, StepFailed, StepResult, step_result
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRY = Retry()
+NO_RETRY = Retry(attempts=1)
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class HostNotAllowed(StepFailed):
+    """A credential would have gone to a host outside its profile's allowed_hosts."""
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    host = host.lower()
+    for pattern in allowed:
+        if pattern.startswith("*.") and (host.endswith(pattern[1:]) or host == pattern[2:]):
+            return True
+        if host == pattern:
+            return True
+    return False
+
+
+class HttpCall:
+    """Everything about one http step's execution; recorded as the step's history."""
+
+    def __init__(self, step: HttpStep, scope: Scope, run: RunContext) -> None:
+        self.step = step
+        self.scope = scope
+        self.run = run
+        self.attempts = 0
+        self.request_record: dict[str, Any] | None = None
+        self.response_record: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ building the request
+
+    def build(
+        self, url_override: str | None = None, extra_query: dict[str, Any] | None = None
+    ) -> tuple[httpx.Request, str | None]:
+        spec = self.step.http
+        render = self.scope.render
+        url = url_override or to_text(render(spec.url))
+        profile = self.run.auth.profile(spec.auth) if spec.auth else None
+        if profile is not None and profile.base_url and not url.startswith(("http://", "https://")):
+            url = urljoin(profile.base_url.rstrip("/") + "/", url.lstrip("/"))
+        if not url.startswith(("http://", "https://")):
+            raise StepFailed(
+                f"URL {self.run.masker.mask(url)!r} is not absolute (http:// or https://)"
+            )
+        query = {k: _query_value(v) for k, v in render(spec.query).items()} if spec.query else {}
+        if url_override:
+            query = {}
+        query.update(extra_query or {})
+        headers = {str(k): to_text(v) for k, v in render(spec.headers).items()}
+        content: bytes | None = None
+        if spec.has_json:
+            content = json.dumps(render(spec.json_), default=str).encode()
+            headers.setdefault("Content-Type", "application/json")
+        elif spec.form is not None:
+            form = {k: to_text(v) for k, v in render(spec.form).items()}
+            content = httpx.QueryParams(form).__str__().encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        elif spec.body is not None:
+            content = to_text(render(spec.body)).encode()
+        request = self.run.client.build_request(
+            spec.method, url, params=query or None, headers=headers, content=content
+        )
+        if profile is not None:
+            allowed = profile.default_hosts()
+            host = request.url.host
+            if not host_allowed(host, allowed):
+                raise HostNotAllowed(
+                    f"auth profile '{profile.name}' may only send its credential to "
+                    f"{', '.join(allowed) or 'no host'}; this request goes to {host}. "
+                    "Add the host to allowed_hosts if it is trusted."
+                )
+        return request, spec.auth
+
+    def describe(self, request: httpx.Request) -> dict[str, Any]:
+        mask = self.run.masker.mask
+        body = request.content.decode("utf-8", errors="replace") if request.content else None
+        return {
+            "auth": self.step.http.auth,
+            "method": request.method,
+            "url": mask(str(request.url)),
+            "headers": {
+                k: mask(v)
+                for k, v in request.headers.items()
+                if k.lower() not in ("authorization", "cookie")
+            }
+            | {k: "***" for k in request.headers if k.lower() in ("authorization", "cookie")},
+            "body": self.run.excerpt(body) if body else None,
+        }
+
+    # ------------------------------------------------------------ sending
+
+    async def send(
+        self, request: httpx.Request, auth_name: str | None
+    ) -> tuple[httpx.Response, Any]:
+        spec = self.step.http
+        retry = self.step.retry or (
+            DEFAULT_RETRY if spec.method in IDEMPOTENT_METHODS else NO_RETRY
+        )
+        timeout = spec.timeout or self.step.timeout
+        per_request = timeout.total_seconds() if timeout else DEFAULT_TIMEOUT
+        deadline = time.monotonic() + (
+            self.step.timeout.total_seconds() if self.step.timeout else float("inf")
+        )
+        request.extensions["timeout"] = httpx.Timeout(per_request).as_dict()
+        self.request_record = self.describe(request)
+        if self.run.dry_run:
+            raise _DryRun()
+        attempt = 0
+        while True:
+            attempt += 1
+            self.attempts = attempt
+            auth = await self.run.auth.auth_for(auth_name, self.run) if auth_name else None
+            response: httpx.Response | None = None
+            body: Any = None
+            cause: Exception | None = None
+            try:
+                response = await self.run.client.send(
+                    request,
+                    auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
+                    follow_redirects=spec.follow_redirects,
+                    stream=True,
+                )
+                # The auth flow may have set headers: describe what was really sent.
+                self.request_record = self.describe(response.request)
+                try:
+                    body = await self.read_body(response)
+                finally:
+                    await response.aclose()
+            except httpx.TimeoutException as exc:
+                failure, condition, cause = f"timed out after {per_request:g}s", "timeout", exc
+            except httpx.TransportError as exc:
+                failure = f"connection failed: {type(exc).__name__}: {exc}"
+                condition, cause = "connection", exc
+            else:
+                if not _should_retry(retry, response.status_code) or attempt >= retry.attempts:
+                    return response, body
+                failure, condition = f"HTTP {response.status_code}", str(response.status_code)
+            if response is None and (condition not in retry.on or attempt >= retry.attempts):
+                raise StepFailed(
+                    f"{spec.method} {self.request_record['url']}: {failure}"
+                ) from cause
+            delay = _backoff(retry, attempt, response)
+            if time.monotonic() + delay > deadline:
+                if response is not None:
+                    return response, body
+                raise StepFailed(
+                    f"{spec.method} {self.request_record['url']}: {failure}; "
+                    "no time left to retry within the step's timeout"
+                ) from cause
+            await asyncio.sleep(delay)
+
+    async def read_body(self, response: httpx.Response) -> Any:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > self.run.body_limit:
+                raise StepFailed(
+                    f"the response body is larger than {self.run.body_limit // 1048576} MB; "
+                    "flowrunner stopped reading it"
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        content_type = response.headers.get("content-type", "").lower()
+        text = raw.decode(response.charset_encoding or "utf-8", errors="replace")
+        if "json" in content_type and text.strip():
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+
+class _DryRun(Exception):
+    """Raised inside send() to stop before the network in --dry-run mode."""
+
+
+def _query_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [to_text(v) for v in value]
+    return to_text(value)
+
+
+def _should_retry(retry: Retry, status: int) -> bool:
+    for condition in retry.on:
+        if isinstance(condition, int) and condition == status:
+            return True
+        if condition == "5xx" and 500 <= status < 600:
+            return True
+        if condition == "4xx" and 400 <= status < 500:
+            return True
+    return False
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds or as an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _backoff(retry: Retry, attempt: int, response: httpx.Response | None) -> float:
+    if response is not None:
+        after = retry_after_seconds(response.headers.get("retry-after"))
+        if after is not None:
+            return after
+    base = retry.delay.total_seconds()
+    if retry.backoff == "exponential":
+        base *= 2 ** (attempt - 1)
+    capped = min(base, retry.max_delay.total_seconds())
+    # Full jitter spreads retries from many runs hitting the same API.
+    return random.uniform(capped / 2, capped)  # noqa: S311 - jitter, not cryptography
+
+
+# ---------------------------------------------------------------- the step
+
+
+async def run_http_step(
+    step: HttpStep, scope: Scope, run: RunContext
+) -> tuple[StepResult, HttpCall]:
+    call = HttpCall(step, scope, run)
+    try:
+        return await _exchange(call), call
+    except StepFailed as failure:
+        failure.call = call
+        raise
+
+
+async def _exchange(call: HttpCall) -> StepResult:
+    step, run, spec = call.step, call.run, call.step.http
+    request, auth_name = call.build()
+    paginate = spec.paginate
+    try:
+        response, body = await call.send(request, auth_name)
+    except _DryRun:
+        return step_result()
+    pages = [body]
+    check_expect(call, response, body)
+    if paginate is not None:
+        pages = await follow_pages(call, request, auth_name, body)
+    outputs = extract_outputs(step, pages)
+    if paginate is not None and paginate.items:
+        items: list[Any] = []
+        path = compile_jsonpath(paginate.items)
+        for page in pages:
+            found = path.values(page)
+            items.extend(found if isinstance(found, list) else [found] if found is not None else [])
+        result_body: Any = items
+    else:
+        result_body = pages[-1] if paginate is None else pages
+    call.response_record = {
+        "status": response.status_code,
+        "headers": {
+            k: run.masker.mask(v) for k, v in response.headers.items() if k.lower() != "set-cookie"
+        },
+        "body": run.excerpt(body),
+        "pages": len(pages) if paginate is not None else None,
+    }
+    return step_result(response.status_code, response.headers, result_body, outputs)
+
+
+def check_expect(call: HttpCall, response: httpx.Response, body: Any) -> None:
+    expect = call.step.http.expect
+    if status_matches(response.status_code, expect):
+        return
+    call.response_record = {
+        "status": response.status_code,
+        "headers": dict(response.headers),
+        "body": call.run.excerpt(body),
+    }
+    wanted = ", ".join(str(e) for e in expect)
+    detail = call.run.excerpt(body)
+    detail_text = detail if isinstance(detail, str) else json.dumps(detail, default=str)
+    raise StepFailed(
+        f"{call.step.http.method} {call.request_record['url'] if call.request_record else ''} "
+        f"answered {response.status_code}, expected {wanted}: {detail_text[:300]}",
+        result=step_result(response.status_code, response.headers, body),
+    )
+
+
+async def follow_pages(
+    call: HttpCall, first: httpx.Request, auth_name: str | None, body: Any
+) -> list[Any]:
+    paginate = call.step.http.paginate
+    if paginate is None:
+        return [body]
+    pages = [body]
+    items_path = compile_jsonpath(paginate.items) if paginate.items else None
+    page_number = paginate.page.start if paginate.page else 0
+    while len(pages) < paginate.max_pages:
+        current = pages[-1]
+        if items_path is not None and not items_path.values(current):
+            break
+        if paginate.stop is not None:
+            scope = call.scope.child(page={"number": len(pages), "body": current})
+            if scope.condition(paginate.stop):
+                break
+        if paginate.next_url is not None:
+            next_url = compile_jsonpath(paginate.next_url).values(current)
+            if not next_url:
+                break
+            url = urljoin(str(first.url), str(next_url))
+            request, _ = call.build(url_override=url)
+        elif paginate.next_cursor is not None:
+            cursor = compile_jsonpath(paginate.next_cursor.path).values(current)
+            if cursor in (None, ""):
+                break
+            request, _ = call.build(extra_query={paginate.next_cursor.param: to_text(cursor)})
+        elif paginate.page is not None:
+            page_number += paginate.page.step
+            request, _ = call.build(extra_query={paginate.page.param: str(page_number)})
+        else:
+            break
+        response, current = await call.send(request, auth_name)
+        check_expect(call, response, current)
+        pages.append(current)
+    return pages
+
+
+def extract_outputs(step: HttpStep, pages: list[Any]) -> dict[str, Any]:
+    outputs: dict[str, Any] = {}
+    for name, source in step.outputs.items():
+        path = compile_jsonpath(source)
+        if path.is_multiple:
+            values: list[Any] = []
+            for page in pages:
+                values.extend(path.values(page))
+            outputs[name] = values
+        else:
+            outputs[name] = path.values(pages[-1])
+    return outputs
+
+
+def timeout_seconds(delta: timedelta | None) -> float | None:
+    return delta.total_seconds() if delta else None

@@ -1,0 +1,72 @@
+"""Opening the database and bringing its schema up to date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select
+
+from flowrunner.errors import ConfigurationError
+from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
+
+STATE_DIR = ".flowrunner"
+
+
+def default_database_url(project_root: Path) -> str:
+    return f"sqlite:///{project_root / STATE_DIR / 'state.db'}"
+
+
+class Database:
+    """One SQLAlchemy engine for the process; every store module runs its SQL through it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Database:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        try:
+            engine = create_engine(url, **kwargs)
+        except Exception as exc:  # a malformed URL or a missing driver
+            raise ConfigurationError(f"cannot open the state database: {exc}") from exc
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        database = cls(engine)
+        database.migrate()
+        return database
+
+    def migrate(self) -> None:
+        with self.engine.begin() as conn:
+            schema_version.create(conn, checkfirst=True)
+            current = conn.execute(select(schema_version.c.version)).scalar()
+            if current is None:
+                conn.execute(schema_version.insert().values(version=0))
+                current = 0
+            if current > LATEST_VERSION:
+                raise ConfigurationError(
+                    f"the state database is at schema version {current}, newer than this "
+                    f"flowrunner ({LATEST_VERSION}); upgrade flowrunner"
+                )
+            for version in range(current, LATEST_VERSION):
+                metadata.create_all(conn, tables=MIGRATIONS[version])
+                conn.execute(schema_version.update().values(version=version + 1))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (the CLI, the UI) work while the server writes; NORMAL sync is
+    # durable across process crashes, which is what run history needs.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

@@ -1,0 +1,144 @@
+"""Run history: each run with its trigger, inputs and status, each step with what it sent
+and received (already masked by the engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from flowrunner.store.database import Database
+from flowrunner.store.schema import run_steps, runs
+
+
+@dataclass
+class StepRecord:
+    seq: int
+    path: str
+    kind: str
+    status: str
+    started_at: datetime
+    duration_ms: float
+    attempts: int = 0
+    request: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+    outputs: Any = None
+    message: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunRecord:
+    id: str
+    flow: str
+    status: str
+    trigger: dict[str, Any]
+    inputs: dict[str, Any]
+    started_at: datetime
+    finished_at: datetime | None = None
+    outputs: Any = None
+    response: dict[str, Any] | None = None
+    error: str | None = None
+    user: str | None = None
+    parent_id: str | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+_STEP_COLUMNS = (
+    "seq", "path", "kind", "status", "started_at", "duration_ms", "attempts",
+    "request", "response", "outputs", "message", "error",
+)  # fmt: skip
+
+
+class RunHistory:
+    def __init__(self, database: Database) -> None:
+        self.engine = database.engine
+
+    def record_started(self, run: RunRecord) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(runs).values(
+                    id=run.id,
+                    flow=run.flow,
+                    status=run.status,
+                    trigger=run.trigger,
+                    inputs=run.inputs,
+                    user=run.user,
+                    parent_id=run.parent_id,
+                    started_at=run.started_at,
+                )
+            )
+
+    def record_finished(self, run: RunRecord) -> None:
+        """Steps and the final status in one transaction: one write per run, not per step."""
+        with self.engine.begin() as conn:
+            if run.steps:
+                conn.execute(
+                    insert(run_steps),
+                    [
+                        {"run_id": run.id, **{c: getattr(s, c) for c in _STEP_COLUMNS}}
+                        for s in run.steps
+                    ],
+                )
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run.id)
+                .values(
+                    status=run.status,
+                    finished_at=run.finished_at,
+                    outputs=run.outputs,
+                    response=run.response,
+                    error=run.error,
+                )
+            )
+
+    def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:
+        query = select(runs).order_by(runs.c.started_at.desc()).limit(limit)
+        if flow:
+            query = query.where(runs.c.flow == flow)
+        with self.engine.connect() as conn:
+            return [_run(row._mapping) for row in conn.execute(query)]
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.id.startswith(run_id))).first()
+            if row is None:
+                return None
+            run = _run(row._mapping)
+            steps = conn.execute(
+                select(run_steps).where(run_steps.c.run_id == run.id).order_by(run_steps.c.seq)
+            )
+            run.steps = [StepRecord(**{c: s._mapping[c] for c in _STEP_COLUMNS}) for s in steps]
+            return run
+
+    def mark_unfinished(self, status: str) -> int:
+        """Runs left 'running' by a process that died; returns how many were marked."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(runs).where(runs.c.status == "running").values(status=status)
+            )
+            return int(result.rowcount or 0)
+
+    def delete_run(self, run_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(run_steps).where(run_steps.c.run_id == run_id))
+            conn.execute(delete(runs).where(runs.c.id == run_id))
+
+
+def _run(row: Any) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        flow=row["flow"],
+        status=row["status"],
+        trigger=row["trigger"],
+        inputs=row["inputs"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        outputs=row["outputs"],
+        response=row["response"],
+        error=row["error"],
+        user=row["user"],
+        parent_id=row["parent_id"],
+    )

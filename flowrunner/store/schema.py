@@ -1,0 +1,74 @@
+"""Tables, and the migrations that create them, in order.
+
+Each migration is a list of tables to create or SQL to run; the version reached is kept
+in ``schema_version`` so that an older database is brought forward on open.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("flow", String(100), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("trigger", JSON, nullable=False),
+    Column("inputs", JSON, nullable=False),
+    Column("outputs", JSON),
+    Column("response", JSON),
+    Column("error", Text),
+    Column("user", String(200)),
+    Column("parent_id", String(36)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Index("ix_runs_flow_started", "flow", "started_at"),
+    Index("ix_runs_started", "started_at"),
+)
+
+run_steps = Table(
+    "run_steps",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(36), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("path", String(500), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("request", JSON),
+    Column("response", JSON),
+    Column("outputs", JSON),
+    Column("message", Text),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Index("ix_run_steps_run", "run_id", "seq"),
+)
+
+# Version -> tables created by that migration. Append; never edit a released entry.
+MIGRATIONS: list[list[Table]] = [
+    [runs, run_steps],
+]
+LATEST_VERSION = len(MIGRATIONS)
