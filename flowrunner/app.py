@@ -15,6 +15,9 @@ from flowrunner.history import record_history
 from flowrunner.loader import Project, load_project
 from flowrunner.secrets import SecretStore
 from flowrunner.store import Database, RunHistory, default_database_url
+from flowrunner.store.crypto import TokenCipher
+from flowrunner.store.database import STATE_DIR
+from flowrunner.store.tokens import TokenStore
 
 DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
 
@@ -38,6 +41,8 @@ class Runtime:
     project: Project
     database: Database
     history: RunHistory
+    tokens: TokenStore
+    auth: ProfileAuth
     engine: Engine
     client: httpx.AsyncClient
 
@@ -49,6 +54,10 @@ class Runtime:
 def open_database(project: Project) -> tuple[Database, RunHistory]:
     database = Database.open(database_url(project))
     return database, RunHistory(database)
+
+
+def token_store(project: Project, database: Database) -> TokenStore:
+    return TokenStore(database, TokenCipher.for_project(project.root / STATE_DIR))
 
 
 def build_runtime(
@@ -65,5 +74,7 @@ def build_runtime(
     if keep_history:
         record_history(bus, history)
     client = make_client(transport)
-    engine = Engine(project, client, ProfileAuth(project, secrets), secrets, bus)
-    return Runtime(project, database, history, engine, client)
+    tokens = token_store(project, database)
+    auth = ProfileAuth(project, secrets, tokens, client)
+    engine = Engine(project, client, auth, secrets, bus)
+    return Runtime(project, database, history, tokens, auth, engine, client)

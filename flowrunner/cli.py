@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,8 +18,12 @@ from rich.table import Table
 from flowrunner.app import build_runtime, open_database
 from flowrunner.errors import FlowrunnerError
 from flowrunner.loader import Project, find_project_root, load_project
+from flowrunner.model import BearerProfile, OAuth2Profile, SessionProfile
+from flowrunner.profile_status import profile_states
 from flowrunner.schema import SchemaKind, json_schema
+from flowrunner.secrets import Masker
 from flowrunner.store.runs import RunRecord, StepRecord
+from flowrunner.store.tokens import fingerprint as token_fingerprint
 
 app = typer.Typer(
     help="Run YAML flows of HTTP steps on schedules and webhooks, with credentials kept alive.",
@@ -26,7 +32,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, grep) gets wide lines instead of an 80-column wrap.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 ProjectOption = Annotated[
     Path | None,
@@ -314,6 +321,164 @@ def runs_rerun(
         raise typer.Exit(1)
 
 
+profiles_app = typer.Typer(help="Auth profiles: expiry, status, tokens.", no_args_is_help=False)
+app.add_typer(profiles_app, name="profiles")
+
+
+def _when(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return ""
+    delta = moment - now
+    days = delta.total_seconds() / 86400
+    relative = (
+        f"in {days:.0f}d"
+        if days >= 1
+        else (f"in {delta.total_seconds() / 3600:.1f}h" if delta.total_seconds() > 0 else "passed")
+    )
+    return f"{moment:%Y-%m-%d %H:%M} ({relative})"
+
+
+_PROFILE_STYLE = {
+    "ok": "green",
+    "expiring": "yellow",
+    "expired": "red",
+    "rejected": "red",
+    "needs_login": "red",
+    "forbidden": "yellow",
+}
+
+
+@profiles_app.callback(invoke_without_command=True)
+def profiles_default(ctx: typer.Context, project: ProjectOption = None) -> None:
+    """Show every profile's status and deadlines (same as 'profiles list')."""
+    if ctx.invoked_subcommand is None:
+        profiles_list(project=project)
+
+
+@profiles_app.command("list")
+def profiles_list(project: ProjectOption = None) -> None:
+    """Every profile: kind, status, expiry, refresh-token lapse, last use, last error."""
+    loaded = _load_for_run(project)
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
+    now = datetime.now(UTC)
+    try:
+        table = Table(
+            "profile",
+            "kind",
+            "status",
+            "expires",
+            "refresh token lapses",
+            "regenerate by",
+            "last used",
+            "last error",
+            box=None,
+        )
+        for state in profile_states(runtime.auth, now):
+            style = _PROFILE_STYLE.get(state.status, "white")
+            table.add_row(
+                state.name,
+                state.kind,
+                f"[{style}]{state.status}[/]",
+                _when(state.expires_at, now),
+                _when(state.refresh_lapses_at, now),
+                _when(state.regenerate_by, now),
+                f"{state.last_used_at:%Y-%m-%d %H:%M}" if state.last_used_at else "",
+                escape((state.last_error or "")[:60]),
+            )
+        out.print(table)
+    finally:
+        asyncio.run(runtime.aclose())
+
+
+@profiles_app.command("check")
+def profiles_check(
+    name: Annotated[str, typer.Argument(help="The profile's name.")],
+    project: ProjectOption = None,
+) -> None:
+    """Obtain or test the profile's credential now."""
+    loaded = _load_for_run(project)
+    if name not in loaded.profiles:
+        err.print(f"no valid auth profile named '{name}'")
+        raise typer.Exit(1)
+    ok, message = asyncio.run(_check_profile(loaded, name))
+    (out if ok else err).print(escape(message))
+    if not ok:
+        raise typer.Exit(1)
+
+
+async def _check_profile(loaded: Project, name: str) -> tuple[bool, str]:
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
+    try:
+        profile = loaded.profiles[name].profile
+        masker = Masker()
+        if isinstance(profile, OAuth2Profile | SessionProfile):
+            credential = await runtime.auth.credential(name, masker)
+            expiry = credential.access_expires_at
+            return True, (
+                f"{name}: token ok (fingerprint {credential.fingerprint}"
+                + (f", expires {expiry:%Y-%m-%d %H:%M} UTC)" if expiry else ")")
+            )
+        if isinstance(profile, BearerProfile):
+            token, expiry = runtime.auth.bearer_token(profile, masker)
+            if expiry is not None and expiry <= datetime.now(UTC):
+                return False, f"{name}: the token expired on {expiry:%Y-%m-%d %H:%M} UTC"
+            return True, (
+                f"{name}: token present (fingerprint {token_fingerprint(token)}"
+                + (f", expires {expiry:%Y-%m-%d} UTC)" if expiry else ")")
+            )
+        return True, f"{name}: {profile.kind} profile; its credential is checked when a flow runs"
+    except FlowrunnerError as exc:
+        return False, exc.message
+    finally:
+        await runtime.aclose()
+
+
+@profiles_app.command("set-token")
+def profiles_set_token(
+    name: Annotated[str, typer.Argument(help="A bearer profile's name.")],
+    project: ProjectOption = None,
+) -> None:
+    """Store a regenerated token, read from standard input (never from the command line)."""
+    loaded = _load_for_run(project)
+    found = loaded.profiles.get(name)
+    if found is None or not isinstance(found.profile, BearerProfile):
+        err.print(
+            f"'{name}' is not a valid bearer profile; set-token is for tokens that "
+            "cannot be refreshed"
+        )
+        raise typer.Exit(1)
+    if sys.stdin.isatty():
+        err.print("paste the token, then press Enter:")
+    text = sys.stdin.readline().strip() if sys.stdin.isatty() else sys.stdin.read().strip()
+    token = _token_from_text(text)
+    if not token:
+        err.print("no token on standard input")
+        raise typer.Exit(1)
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
+    try:
+        credential = runtime.auth.set_bearer_token(found.profile, token)
+    finally:
+        asyncio.run(runtime.aclose())
+    expiry = credential.access_expires_at
+    out.print(
+        f"stored a new token for {name} (fingerprint {credential.fingerprint}"
+        + (f", expires {expiry:%Y-%m-%d} UTC)" if expiry else ")")
+        + "; its status is reset"
+    )
+
+
+def _token_from_text(text: str) -> str:
+    """A raw token, or JSON with a 'token' field (as token-issuing admin APIs answer)."""
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(data, dict) and isinstance(data.get("token"), str):
+            return str(data["token"])
+    return text
+
+
 @app.command()
 def sandbox(
     port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 8900,
@@ -326,4 +491,5 @@ def sandbox(
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import base64
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
+from flowrunner.auth import jwt
+from flowrunner.auth.flows import BearerAuth, ConnectedUserAuth, RefreshingAuth
+from flowrunner.auth.oauth2 import SEED_KEY, OAuth2Grants
+from flowrunner.auth.session import SessionGrants
 from flowrunner.auth.static import HeaderAuth, QueryAuth
+from flowrunner.auth.tokens import TokenManager
 from flowrunner.expressions import render, to_text
 from flowrunner.loader import Project
 from flowrunner.model import (
@@ -14,18 +25,37 @@ from flowrunner.model import (
     BasicProfile,
     BearerProfile,
     ConnectedUserProfile,
+    OAuth2Profile,
     ProfileBase,
+    SessionProfile,
 )
 from flowrunner.runtime import RunContext, StepFailed
-from flowrunner.secrets import SecretStore
+from flowrunner.secrets import Masker, SecretStore
+from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, fingerprint
+
+log = logging.getLogger("flowrunner.auth")
+TOUCH_EVERY_SECONDS = 60.0
 
 
 class ProfileAuth:
     """The engine's AuthProvider for the profiles of one project."""
 
-    def __init__(self, project: Project, secrets: SecretStore) -> None:
+    def __init__(
+        self,
+        project: Project,
+        secrets: SecretStore,
+        store: TokenStore,
+        client: httpx.AsyncClient,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.project = project
         self.secrets = secrets
+        self.store = store
+        self.client = client
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.tokens = TokenManager(store, self.clock)
+        self._status: dict[str, str] = {}
+        self._touched: dict[str, float] = {}
 
     def profile(self, name: str) -> ProfileBase:
         loaded = self.project.profiles.get(name)
@@ -33,37 +63,208 @@ class ProfileAuth:
             raise StepFailed(f"auth profile '{name}' is not loaded (see flowrunner validate)")
         return loaded.profile
 
+    def _names(self, masker: Masker) -> dict[str, Any]:
+        return {"secrets": self.secrets.view(masker)}
+
     async def auth_for(self, name: str, run: RunContext) -> httpx.Auth:
         profile = self.profile(name)
-        names = {"secrets": self.secrets.view(run.masker)}
+        masker = run.masker
+        names = self._names(masker)
+
+        async def observe(response: httpx.Response) -> None:
+            self._observe(name, response)
+
+        if isinstance(profile, OAuth2Profile | SessionProfile):
+            return self._refreshing(profile, masker, observe)
         if isinstance(profile, BearerProfile):
-            token = to_text(render(profile.token, names)).strip()
-            run.masker.add(token)
-            return HeaderAuth({profile.header: f"{profile.scheme} {token}".strip()})
+            token, expires_at = self.bearer_token(profile, masker)
+
+            async def rejected() -> None:
+                self.mark_rejected(profile.name, token)
+
+            value = f"{profile.scheme} {token}".strip()
+            return BearerAuth(
+                profile.name, profile.header, value, expires_at, rejected, observe, self.clock
+            )
         if isinstance(profile, ConnectedUserProfile):
-            token = (run.user_token or "").strip()
-            if not token:
-                raise StepFailed(
-                    f"auth profile '{name}' acts as the connected user, but this run has no "
-                    "user token (a webhook's Authorization header, or --user-token)"
-                )
-            token = token.split(" ", 1)[1] if " " in token else token
-            run.masker.add(token)
-            return HeaderAuth({profile.header: f"{profile.scheme} {token}".strip()})
+            token = self._user_token(profile, run)
+            masker.add(token)
+            value = f"{profile.scheme} {token}".strip()
+            return ConnectedUserAuth(
+                profile.name, profile.header, value, jwt.user_of(token), observe
+            )
         if isinstance(profile, ApiKeyProfile):
             headers = {k: to_text(v) for k, v in render(profile.headers, names).items()}
             params = {k: to_text(v) for k, v in render(profile.query, names).items()}
             for value in [*headers.values(), *params.values()]:
-                run.masker.add(value)
+                masker.add(value)
             return QueryAuth(params, headers)
         if isinstance(profile, BasicProfile):
             username = to_text(render(profile.username, names))
             password = to_text(render(profile.password, names))
-            run.masker.add(password)
+            masker.add(password)
             encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
-            run.masker.add(encoded)
+            masker.add(encoded)
             return HeaderAuth({"Authorization": f"Basic {encoded}"})
-        raise StepFailed(
-            f"auth profile '{name}' is of kind {getattr(profile, 'kind', '?')}, which this "
-            "version of flowrunner cannot apply yet"
+        raise StepFailed(f"auth profile '{name}' has an unknown kind")
+
+    # ------------------------------------------------------------ refreshable kinds
+
+    def _grants(
+        self, profile: OAuth2Profile | SessionProfile, masker: Masker
+    ) -> OAuth2Grants | SessionGrants:
+        def names() -> dict[str, Any]:
+            return self._names(masker)
+
+        if isinstance(profile, OAuth2Profile):
+            return OAuth2Grants(profile, self.client, lambda v: render(v, names()))
+        return SessionGrants(profile, self.client, lambda v, extra: render(v, names() | extra))
+
+    async def credential(
+        self, name: str, masker: Masker, rejected: str | None = None
+    ) -> Credential:
+        """A valid token for an oauth2 or session profile, obtained or refreshed if needed."""
+        profile = self.profile(name)
+        if not isinstance(profile, OAuth2Profile | SessionProfile):
+            raise StepFailed(f"auth profile '{name}' is not refreshable")
+        grants = self._grants(profile, masker)
+        credential = await self.tokens.credential(
+            profile.name, grants.grants, grants.parse, profile.refresh_margin, rejected=rejected
         )
+        secrets = [credential.access_token, credential.refresh_token]
+        secrets += [v for v in credential.extra.values() if isinstance(v, str)]
+        for value in secrets:
+            masker.add(value)
+        return credential
+
+    def _refreshing(
+        self, profile: OAuth2Profile | SessionProfile, masker: Masker, observe: Any
+    ) -> RefreshingAuth:
+        async def get(rejected: str | None) -> Credential:
+            return await self.credential(profile.name, masker, rejected)
+
+        def headers(credential: Credential) -> dict[str, str]:
+            token = {
+                "access_token": credential.access_token,
+                "refresh_token": credential.refresh_token,
+                **{k: v for k, v in credential.extra.items() if k != SEED_KEY},
+            }
+            templates = profile.headers or {"Authorization": "Bearer ${{ token.access_token }}"}
+            names = self._names(masker) | {"token": token}
+            return {k: to_text(render(v, names)) for k, v in templates.items()}
+
+        return RefreshingAuth(get, headers, observe)
+
+    # ------------------------------------------------------------ bearer tokens
+
+    def bearer_token(
+        self, profile: BearerProfile, masker: Masker | None = None
+    ) -> tuple[str, datetime | None]:
+        """The token to use: the configured one or one stored with set-token, whichever
+        expires later; refused before sending if it is the one already found revoked."""
+        candidates: list[str] = []
+        try:
+            configured = to_text(render(profile.token, self._names(masker or Masker()))).strip()
+            if configured:
+                candidates.append(configured)
+        except Exception as exc:
+            log.debug("bearer profile %s: configured token unavailable: %s", profile.name, exc)
+        stored = self.store.load(profile.name)
+        if stored is not None and stored.access_token and stored.status != ProfileStatus.REJECTED:
+            candidates.append(stored.access_token)
+        if not candidates:
+            if stored is not None and stored.status == ProfileStatus.REJECTED:
+                candidates.append(stored.access_token or "")
+            else:
+                raise StepFailed(
+                    f"auth profile '{profile.name}' has no token: set its secret, or "
+                    f"run 'flowrunner profiles set-token {profile.name}'"
+                )
+        token = max(
+            candidates, key=lambda t: bearer_expiry(profile, t) or datetime.max.replace(tzinfo=UTC)
+        )
+        if masker is not None:
+            masker.add(token)
+        if (
+            stored is not None
+            and stored.status == ProfileStatus.REJECTED
+            and stored.fingerprint == fingerprint(token)
+        ):
+            raise StepFailed(
+                f"auth profile '{profile.name}': this token was refused with 401 (revoked). "
+                "An administrator must log in as the machine user, generate a new token, and "
+                f"run 'flowrunner profiles set-token {profile.name}'"
+            )
+        return token, bearer_expiry(profile, token)
+
+    def mark_rejected(self, name: str, token: str) -> None:
+        stored = self.store.load(name) or Credential(name)
+        self.store.save(
+            replace(
+                stored,
+                access_token=token,
+                status=ProfileStatus.REJECTED,
+                last_error="refused with 401 before its expiry: revoked",
+            )
+        )
+        self._status[name] = ProfileStatus.REJECTED
+
+    def set_bearer_token(self, profile: BearerProfile, token: str) -> Credential:
+        claims = jwt.claims(token)
+        credential = Credential(
+            profile=profile.name,
+            access_token=token,
+            access_expires_at=bearer_expiry(profile, token),
+            issued_at=jwt.claim_time(claims, "iat") or self.clock(),
+            status=ProfileStatus.OK,
+        )
+        self.store.save(credential)
+        self._status[profile.name] = ProfileStatus.OK
+        return credential
+
+    # ------------------------------------------------------------ connected users
+
+    def _user_token(self, profile: ConnectedUserProfile, run: RunContext) -> str:
+        token = (run.user_token or "").strip()
+        if not token:
+            raise StepFailed(
+                f"auth profile '{profile.name}' acts as the connected user, but this run has no "
+                "user token (a webhook's Authorization header, or --user-token)"
+            )
+        return token.split(" ", 1)[1].strip() if " " in token else token
+
+    # ------------------------------------------------------------ status from responses
+
+    def _observe(self, name: str, response: httpx.Response) -> None:
+        """Keep the profile's status current: 403 is forbidden, a success clears it.
+        Written only when it changes, and last use at most once a minute."""
+        status = response.status_code
+        if name not in self._status:
+            stored = self.store.load(name)
+            self._status[name] = stored.status if stored else ProfileStatus.OK
+        new: str | None = None
+        if status == 403:
+            new = ProfileStatus.FORBIDDEN
+        elif status < 400 and self._status.get(name, ProfileStatus.OK) != ProfileStatus.OK:
+            new = ProfileStatus.OK
+        if new is not None and self._status.get(name) != new:
+            self._status[name] = new
+            self.store.set_status(
+                name, new, "last call refused with 403" if new == ProfileStatus.FORBIDDEN else None
+            )
+        now = time.monotonic()
+        if now - self._touched.get(name, 0.0) > TOUCH_EVERY_SECONDS:
+            self._touched[name] = now
+            self.store.touch(name, self.clock())
+
+
+def bearer_expiry(profile: BearerProfile, token: str) -> datetime | None:
+    """From the JWT's ``exp`` (read without verifying), else the profile's ``expires_at``."""
+    expiry = jwt.claim_time(jwt.claims(token), "exp")
+    if expiry is None and profile.expires_at is not None:
+        expiry = (
+            profile.expires_at
+            if profile.expires_at.tzinfo
+            else profile.expires_at.replace(tzinfo=UTC)
+        )
+    return expiry

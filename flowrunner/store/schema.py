@@ -67,8 +67,34 @@ run_steps = Table(
     Index("ix_run_steps_run", "run_id", "seq"),
 )
 
+# One row per auth profile: its current credential (encrypted), its state, and the lease
+# that makes a refresh single-flight across processes sharing this database.
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("profile", String(100), primary_key=True),
+    Column("access_token", Text),
+    Column("access_expires_at", DateTime(timezone=True)),
+    Column("refresh_token", Text),
+    Column("refresh_expires_at", DateTime(timezone=True)),
+    # A refresh request was sent with this refresh token and its answer was not stored:
+    # the server may have consumed it, so it is never sent again.
+    Column("refresh_token_spent", Integer, nullable=False, default=0),
+    Column("extra", Text),
+    Column("issued_at", DateTime(timezone=True)),
+    Column("fingerprint", String(64)),
+    Column("status", String(20), nullable=False, default="ok"),
+    Column("last_error", Text),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("last_refreshed_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True)),
+    Column("lease_holder", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+)
+
 # Version -> tables created by that migration. Append; never edit a released entry.
 MIGRATIONS: list[list[Table]] = [
     [runs, run_steps],
+    [credentials],
 ]
 LATEST_VERSION = len(MIGRATIONS)
