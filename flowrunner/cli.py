@@ -18,6 +18,7 @@ from rich.table import Table
 from flowrunner.app import build_runtime, open_database
 from flowrunner.errors import FlowrunnerError
 from flowrunner.loader import Project, find_project_root, load_project
+from flowrunner.logs import quiet_third_party_loggers
 from flowrunner.model import BearerProfile, OAuth2Profile, SessionProfile
 from flowrunner.profile_status import profile_states
 from flowrunner.schema import SchemaKind, json_schema
@@ -480,6 +481,25 @@ def _token_from_text(text: str) -> str:
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Default: 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Default: 8800.")] = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="json or text.")] = "json",
+    project: ProjectOption = None,
+) -> None:
+    """Run the project: schedules, webhooks at /hooks/<path>, run status, live reload."""
+    from flowrunner.logs import configure_logging
+    from flowrunner.server import serve as serve_project
+
+    configure_logging(json_lines=log_format == "json")
+    try:
+        serve_project(_project_root(project), host, port)
+    except FlowrunnerError as exc:
+        err.print(f"[red]{escape(exc.message)}[/]")
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.command()
 def sandbox(
     port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 8900,
 ) -> None:
@@ -492,4 +512,5 @@ def sandbox(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party_loggers()
     app()

@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 
+from flowrunner.durations import format_duration
 from flowrunner.errors import ExpressionError, FlowrunnerError
 from flowrunner.events import EventBus, RunEvent
 from flowrunner.loader import Project
+from flowrunner.logs import current_run
 from flowrunner.model import (
     CallStep,
     FailStep,
@@ -98,19 +100,22 @@ class Engine:
         flow = self.flow(flow_name)
         masker = Masker()
         masker_token = current_masker.set(masker)
+        run_id = run_id or str(uuid.uuid4())
+        log_token = current_run.set((run_id, flow.name))
         try:
             return await self._run(
                 flow,
                 trigger or {},
                 inputs or {},
                 user_token,
-                run_id or str(uuid.uuid4()),
+                run_id,
                 dry_run,
                 on_step,
                 masker,
             )
         finally:
             current_masker.reset(masker_token)
+            current_run.reset(log_token)
 
     async def _run(
         self,
@@ -160,7 +165,8 @@ class Engine:
             record.status = RunStatus.SUCCEEDED
         except TimeoutError:
             record.status = RunStatus.FAILED
-            record.error = f"the run exceeded the flow's timeout of {flow.timeout}"
+            limit = format_duration(flow.timeout) if flow.timeout else "?"
+            record.error = f"the run exceeded the flow's timeout of {limit}"
         except (StepFailed, ExpressionError) as failure:
             record.status = RunStatus.FAILED
             step = getattr(failure, "step", None)
@@ -214,7 +220,8 @@ class Engine:
 
     async def _run_step(self, step: Step, scope: Scope, prefix: str) -> None:
         run = scope.run
-        path = f"{prefix}.{step.id}" if prefix else step.id
+        # A called flow's steps read "call>step"; nested steps "parent.step".
+        path = f"{prefix}.{step.id}" if prefix and not prefix.endswith(">") else prefix + step.id
         started = time.perf_counter()
         record = StepRecord(
             seq=0,
@@ -258,6 +265,11 @@ class Engine:
             else:
                 record.status = StepStatus.FAILED
                 raise _as_step_failure(failure, step, message) from None
+        except asyncio.CancelledError:
+            # Interrupted from outside: the flow's timeout, or a failed parallel iteration.
+            record.status = StepStatus.FAILED
+            record.error = "cancelled before it finished (a timeout, or a parallel step failed)"
+            raise
         finally:
             if call is not None:
                 record.request = call.request_record
@@ -303,7 +315,7 @@ class Engine:
 
 def _failure_message(failure: BaseException, step: Step) -> str:
     if isinstance(failure, TimeoutError):
-        return f"timed out after {step.timeout}" if step.timeout else "timed out"
+        return f"timed out after {format_duration(step.timeout)}" if step.timeout else "timed out"
     if isinstance(failure, StepFailed | ExpressionError):
         return failure.message
     return f"internal error: {type(failure).__name__}: {failure}"

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from flowrunner.model.base import Duration, Name, StatusPattern, StepId, StrictModel
+from flowrunner.model.base import Duration, Name, StatusPattern, StepId, StrictModel, closest
 from flowrunner.model.cron import CRON_HINT, check_cron
 
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -51,10 +51,16 @@ class Schedule(StrictModel):
         try:
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            suggestion = closest(value, zoneinfo.available_timezones())
             raise PydanticCustomError(
                 "timezone",
                 "unknown timezone '{value}'",
-                {"value": value, "hint": "an IANA name such as Europe/Paris or UTC"},
+                {
+                    "value": value,
+                    "hint": f"did you mean '{suggestion}'?"
+                    if suggestion
+                    else "an IANA name such as Europe/Paris or UTC",
+                },
             ) from exc
         return value
 
@@ -115,7 +121,10 @@ class WebhookAuth(StrictModel):
                 "webhook_auth",
                 "webhook auth needs exactly one of hmac, bearer, basic, connected_user "
                 "(or the word none)",
-                {"hint": 'auth: {hmac: {secret: "${{ secrets.HOOK_SECRET }}"}}'},
+                {
+                    "hint": 'auth: {hmac: {secret: "${{ secrets.HOOK_SECRET }}"}}',
+                    "at": chosen[1] if len(chosen) > 1 else "",
+                },
             )
         return self
 
@@ -254,7 +263,10 @@ class Paginate(StrictModel):
             raise PydanticCustomError(
                 "paginate_form",
                 "paginate needs exactly one of next_url, next_cursor or page",
-                {"hint": 'paginate: {next_url: "$.next", items: "$.data[*]", max_pages: 50}'},
+                {
+                    "hint": 'paginate: {next_url: "$.next", items: "$.data[*]", max_pages: 50}',
+                    "at": forms[1] if len(forms) > 1 else "",
+                },
             )
         if self.page is not None and self.items is None and self.stop is None:
             raise PydanticCustomError(
@@ -300,7 +312,7 @@ class HttpRequest(StrictModel):
             raise PydanticCustomError(
                 "http_body",
                 "an http step sends one body: choose one of json, form or body (found {found})",
-                {"found": ", ".join(given)},
+                {"found": ", ".join(given), "at": given[-1]},
             )
         return self
 
@@ -420,7 +432,9 @@ class Response(StrictModel):
     @model_validator(mode="after")
     def _one_body(self) -> Response:
         if "json_" in self.model_fields_set and self.body is not None:
-            raise PydanticCustomError("respond_body", "respond with json or body, not both", {})
+            raise PydanticCustomError(
+                "respond_body", "respond with json or body, not both", {"at": "body"}
+            )
         return self
 
 
@@ -487,6 +501,9 @@ class Flow(StrictModel):
     outputs: dict[str, Any] = {}
     concurrency: Concurrency = Concurrency()
     timeout: Duration | None = None
+    # A run cut short by a crash or a restart is marked interrupted; `restart` runs it
+    # again from the start (for flows whose steps are safe to repeat).
+    on_interrupt: Literal["mark", "restart"] = "mark"
     steps: list[Step] = Field(min_length=1)
 
     @property

@@ -4,7 +4,7 @@ and received (already masked by the engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -112,6 +112,14 @@ class RunHistory:
             )
             run.steps = [StepRecord(**{c: s._mapping[c] for c in _STEP_COLUMNS}) for s in steps]
             return run
+
+    def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(status=status, error=error, finished_at=datetime.now(UTC))
+            )
 
     def mark_unfinished(self, status: str) -> int:
         """Runs left 'running' by a process that died; returns how many were marked."""

@@ -92,9 +92,38 @@ credentials = Table(
     Column("lease_until", DateTime(timezone=True)),
 )
 
+# The durable intake: a webhook or a schedule fire is a row here, committed before it is
+# acknowledged; workers claim rows, so a crash loses nothing.
+run_queue = Table(
+    "run_queue",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("flow", String(100), nullable=False),
+    Column("trigger", JSON, nullable=False),
+    Column("inputs", JSON, nullable=False),
+    Column("user_token", Text),  # encrypted
+    Column("status", String(20), nullable=False),  # queued | running | done
+    Column("node", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("claimed_at", DateTime(timezone=True)),
+    Index("ix_run_queue_status", "status", "created_at"),
+)
+
+# A key seen once in a window: webhook dedupe keys, and one row per schedule fire, which
+# is what keeps a fire from running twice after a restart or on several nodes.
+dedupe_keys = Table(
+    "dedupe_keys",
+    metadata,
+    Column("scope", String(200), primary_key=True),
+    Column("key", String(500), primary_key=True),
+    Column("run_id", String(36), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
 # Version -> tables created by that migration. Append; never edit a released entry.
 MIGRATIONS: list[list[Table]] = [
     [runs, run_steps],
     [credentials],
+    [run_queue, dedupe_keys],
 ]
 LATEST_VERSION = len(MIGRATIONS)

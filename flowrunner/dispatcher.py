@@ -1,0 +1,246 @@
+"""Takes runs from the durable queue and executes them within the concurrency limits.
+
+Intake (webhooks, schedule fires) only ever writes to the queue; this loop is the one
+place that starts runs, so per-flow limits, the global limit and restarts after a crash
+are decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from flowrunner.engine import Engine
+from flowrunner.errors import FlowrunnerError
+from flowrunner.runtime import RunStatus
+from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
+from flowrunner.store.runs import RunHistory, RunRecord
+
+log = logging.getLogger("flowrunner.dispatcher")
+POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Submitted:
+    run_id: str
+    status: str  # queued | duplicate | skipped | failed
+    reason: str | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        queue: RunQueue,
+        history: RunHistory,
+        engine: Callable[[], Engine],
+        max_in_flight: int = 64,
+    ) -> None:
+        self.queue = queue
+        self.history = history
+        self.engine = engine
+        self.max_in_flight = max_in_flight
+        self._wake = asyncio.Event()
+        self._running: dict[str, int] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._waiters: dict[str, list[asyncio.Future[RunRecord]]] = {}
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    # ------------------------------------------------------------ intake
+
+    def submit(
+        self,
+        flow_name: str,
+        trigger: dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+        user_token: str | None = None,
+        dedupe: Dedupe | None = None,
+    ) -> Submitted:
+        """Store a run durably (the caller may acknowledge once this returns)."""
+        flow = self.engine().flow(flow_name)
+        run_id = str(uuid.uuid4())
+        limit = flow.concurrency
+        busy = self._running.get(flow.name, 0) >= limit.limit
+        if busy and limit.when_busy != "queue":
+            reason = f"flow {flow.name} is busy ({limit.limit} run(s) in flight)"
+            status = RunStatus.SKIPPED if limit.when_busy == "skip" else RunStatus.FAILED
+            self._record_refused(run_id, flow.name, trigger, inputs or {}, status, reason)
+            return Submitted(run_id, status, reason)
+        queued = QueuedRun(run_id, flow.name, trigger, inputs or {}, user_token, datetime.now(UTC))
+        try:
+            self.queue.enqueue(queued, dedupe)
+        except Duplicate as duplicate:
+            return Submitted(duplicate.run_id, "duplicate")
+        self._wake.set()
+        return Submitted(run_id, "queued")
+
+    def _record_refused(
+        self,
+        run_id: str,
+        flow: str,
+        trigger: dict[str, Any],
+        inputs: dict[str, Any],
+        status: str,
+        reason: str,
+    ) -> None:
+        now = datetime.now(UTC)
+        record = RunRecord(
+            run_id, flow, status, _without_secrets(trigger), inputs, now, now, error=reason
+        )
+        self.history.record_started(record)
+        self.history.record_finished(record)
+
+    async def wait_for(self, run_id: str, seconds: float) -> RunRecord | None:
+        """The finished run, or None if it is still going after ``seconds``."""
+        done = self.history.get_run(run_id)
+        if done is not None and done.status not in (RunStatus.RUNNING, RunStatus.QUEUED):
+            return done
+        future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), seconds)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(run_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(run_id, None)
+
+    # ------------------------------------------------------------ the loop
+
+    def recover(self) -> None:
+        """After a crash: runs that were mid-flight are marked interrupted, and restarted
+        when their flow says so; queued runs simply start again."""
+        for run_id in self.queue.requeue_abandoned():
+            record = self.history.get_run(run_id)
+            if record is None:
+                continue  # claimed but not started: it runs again as queued
+            self.history.set_status(
+                run_id, RunStatus.INTERRUPTED, "the runner stopped while this run was in flight"
+            )
+            try:
+                flow = self.engine().flow(record.flow)
+            except FlowrunnerError:
+                self.queue.finish(run_id)
+                continue
+            queued = next((q for q in self.queue.queued() if q.id == run_id), None)
+            self.queue.finish(run_id)
+            if flow.on_interrupt == "restart" and queued is not None:
+                again = QueuedRun(
+                    str(uuid.uuid4()),
+                    queued.flow,
+                    queued.trigger,
+                    queued.inputs,
+                    queued.user_token,
+                    datetime.now(UTC),
+                )
+                self.queue.enqueue(again)
+                log.info("restarting interrupted run %s as %s", run_id, again.id)
+
+    async def run_forever(self) -> None:
+        while not self._stopping:
+            try:
+                self._start_eligible()
+            except Exception:
+                log.exception("the dispatcher could not read the queue; retrying")
+            try:
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _start_eligible(self) -> None:
+        if self.in_flight >= self.max_in_flight:
+            return
+        for queued in self.queue.queued():
+            if self.in_flight >= self.max_in_flight or self._stopping:
+                return
+            if queued.id in self._tasks:
+                continue
+            try:
+                flow = self.engine().flow(queued.flow)
+            except FlowrunnerError as exc:
+                self._record_refused(
+                    queued.id,
+                    queued.flow,
+                    queued.trigger,
+                    queued.inputs,
+                    RunStatus.FAILED,
+                    exc.message,
+                )
+                self.queue.finish(queued.id)
+                continue
+            if self._running.get(flow.name, 0) >= flow.concurrency.limit:
+                continue  # when_busy: queue — it waits its turn
+            if not self.queue.claim(queued.id):
+                continue  # another worker took it
+            self._running[flow.name] = self._running.get(flow.name, 0) + 1
+            task = asyncio.create_task(self._execute(queued), name=f"run {queued.id}")
+            self._tasks[queued.id] = task
+
+    async def _execute(self, queued: QueuedRun) -> None:
+        try:
+            record = await self.engine().run(
+                queued.flow,
+                trigger=queued.trigger,
+                inputs=queued.inputs,
+                user_token=queued.user_token,
+                run_id=queued.id,
+            )
+        except FlowrunnerError as exc:
+            now = datetime.now(UTC)
+            record = RunRecord(
+                queued.id,
+                queued.flow,
+                RunStatus.FAILED,
+                {},
+                queued.inputs,
+                now,
+                now,
+                error=exc.message,
+            )
+        except asyncio.CancelledError:
+            # Shutting down: leave the queue row claimed; the next start marks it interrupted.
+            self._done(queued.flow, queued.id)
+            raise
+        self.queue.finish(queued.id)
+        self._done(queued.flow, queued.id)
+        for future in self._waiters.pop(queued.id, []):
+            if not future.done():
+                future.set_result(record)
+        self._wake.set()
+
+    def _done(self, flow: str, run_id: str) -> None:
+        self._running[flow] = max(0, self._running.get(flow, 1) - 1)
+        self._tasks.pop(run_id, None)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop starting runs; let those in flight finish for ``grace`` seconds, then cancel
+        them (they are marked interrupted on the next start)."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+
+def _without_secrets(trigger: dict[str, Any]) -> dict[str, Any]:
+    headers = {
+        k: ("***" if k.lower() in ("authorization", "cookie", "x-api-key") else v)
+        for k, v in (trigger.get("headers") or {}).items()
+    }
+    return {**trigger, "headers": headers} if "headers" in trigger else trigger

@@ -1,0 +1,132 @@
+"""Schedules: the only module that imports APScheduler.
+
+Every fire becomes a queued run whose dedupe key is the fire time, so a fire never runs
+twice: not after a restart (the key is in the state store), not on several nodes (they
+all try, one insert wins). Interval schedules are anchored to a fixed epoch so that
+every node and every restart computes the same fire times.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from flowrunner.model import Flow, Schedule
+
+log = logging.getLogger("flowrunner.scheduling")
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# How long a fire's key is kept: far longer than any restart or catch-up window.
+FIRE_KEY_WINDOW = timedelta(days=7)
+
+Fire = Callable[[str, int, datetime], None]
+
+
+def trigger_for(schedule: Schedule) -> BaseTrigger:
+    zone = ZoneInfo(schedule.timezone)
+    if schedule.cron is not None:
+        return CronTrigger.from_crontab(schedule.cron, timezone=zone)
+    assert schedule.every is not None  # noqa: S101 - the model guarantees one rule
+    return IntervalTrigger(seconds=schedule.every.total_seconds(), start_date=EPOCH, timezone=zone)
+
+
+def fire_times(
+    trigger: BaseTrigger, start: datetime, end: datetime, limit: int = 10_000
+) -> list[datetime]:
+    """Fire times in (start, end], bounded."""
+    times: list[datetime] = []
+    previous: datetime | None = None
+    current = trigger.get_next_fire_time(None, start + timedelta(microseconds=1))
+    while current is not None and current <= end and len(times) < limit:
+        times.append(current)
+        previous = current
+        current = trigger.get_next_fire_time(previous, previous + timedelta(microseconds=1))
+    return times
+
+
+def latest_fire(trigger: BaseTrigger, now: datetime, window: timedelta) -> datetime | None:
+    found = fire_times(trigger, now - window, now)
+    return found[-1] if found else None
+
+
+def next_fire_times(schedule: Schedule, now: datetime, count: int = 3) -> list[datetime]:
+    trigger = trigger_for(schedule)
+    times: list[datetime] = []
+    current = trigger.get_next_fire_time(None, now)
+    while current is not None and len(times) < count:
+        times.append(current)
+        current = trigger.get_next_fire_time(current, current + timedelta(microseconds=1))
+    return times
+
+
+class Scheduler:
+    def __init__(self, fire: Fire, clock: Callable[[], datetime] | None = None) -> None:
+        self.fire = fire
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._jobs: dict[str, tuple[str, str]] = {}  # job id -> (flow, rule fingerprint)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def sync(self, flows: dict[str, Flow]) -> None:
+        """Make the jobs match the flows' schedules (after a start or a reload)."""
+        wanted: dict[str, tuple[str, int, Schedule]] = {}
+        for flow in flows.values():
+            for index, schedule in enumerate(flow.schedules):
+                wanted[f"{flow.name}#{index}"] = (flow.name, index, schedule)
+        for job_id in list(self._jobs):
+            if job_id not in wanted or self._jobs[job_id][1] != wanted[job_id][2].model_dump_json():
+                self._scheduler.remove_job(job_id)
+                del self._jobs[job_id]
+        for job_id, (flow_name, index, schedule) in wanted.items():
+            if job_id in self._jobs:
+                continue
+            trigger = trigger_for(schedule)
+            self._scheduler.add_job(
+                self._on_fire,
+                trigger,
+                args=(flow_name, index, trigger),
+                id=job_id,
+                misfire_grace_time=int(schedule.grace.total_seconds()) or 1,
+                coalesce=True,
+                max_instances=100,
+            )
+            self._jobs[job_id] = (flow_name, schedule.model_dump_json())
+
+    def catch_up(self, flows: dict[str, Flow]) -> int:
+        """Fires missed while the runner was down: the latest one within the grace period,
+        for schedules with ``catch_up: latest``. Its key makes it a no-op if it already ran."""
+        count = 0
+        now = self.clock()
+        for flow in flows.values():
+            for index, schedule in enumerate(flow.schedules):
+                if schedule.catch_up != "latest":
+                    continue
+                missed = latest_fire(trigger_for(schedule), now, schedule.grace)
+                if missed is not None:
+                    self.fire(flow.name, index, missed)
+                    count += 1
+        return count
+
+    def _on_fire(self, flow: str, index: int, trigger: Any) -> None:
+        # APScheduler does not pass the scheduled time; the latest fire time at or before
+        # now is it (jobs run at most a grace period late).
+        fired_at = latest_fire(trigger, self.clock() + timedelta(seconds=1), timedelta(days=1))
+        if fired_at is None:
+            return
+        try:
+            self.fire(flow, index, fired_at)
+        except Exception:
+            log.exception("schedule fire of %s failed to queue", flow)

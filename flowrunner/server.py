@@ -1,0 +1,278 @@
+"""``flowrunner serve``: schedules, webhooks and run status in one process.
+
+The Starlette app is assembled here from the runtime (engine, stores), the dispatcher,
+the scheduler and the reloader; each of those knows nothing of HTTP serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from flowrunner.app import Runtime, build_runtime
+from flowrunner.dispatcher import Dispatcher
+from flowrunner.errors import ConfigurationError, Problem
+from flowrunner.loader import Project, load_project
+from flowrunner.metrics import Metrics
+from flowrunner.reloader import reload_project, snapshot
+from flowrunner.scheduling import FIRE_KEY_WINDOW, Scheduler, next_fire_times
+from flowrunner.store.crypto import TokenCipher
+from flowrunner.store.database import STATE_DIR
+from flowrunner.store.queue import Dedupe, RunQueue
+from flowrunner.webhooks import Route as HookRoute
+from flowrunner.webhooks import WebhookEndpoint, routes_of
+
+log = logging.getLogger("flowrunner.server")
+RELOAD_SECONDS = 1.0
+
+
+@dataclass
+class Server:
+    runtime: Runtime
+    dispatcher: Dispatcher
+    scheduler: Scheduler
+    metrics: Metrics
+    admin_token: str | None = None
+    hooks: dict[str, HookRoute] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    reload_seconds: float = RELOAD_SECONDS
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def project(self) -> Project:
+        return self.runtime.project
+
+    def fire(self, flow: str, index: int, fired_at: datetime) -> None:
+        key = fired_at.astimezone(UTC).isoformat()
+        trigger = {"kind": "schedule", "fired_at": key}
+        submitted = self.dispatcher.submit(
+            flow, trigger, dedupe=Dedupe(f"schedule:{flow}#{index}", key, FIRE_KEY_WINDOW)
+        )
+        if submitted.status != "duplicate":
+            log.info(
+                "schedule fired %s at %s: run %s %s", flow, key, submitted.run_id, submitted.status
+            )
+
+    def swap(self, project: Project) -> None:
+        """Make a (re)loaded project the one everything uses."""
+        self.runtime.project = project
+        self.runtime.engine.project = project
+        self.runtime.auth.project = project
+        self.hooks = routes_of(project)
+        self.problems = list(project.problems)
+        self.scheduler.sync({n: f.flow for n, f in project.flows.items()})
+
+    async def start(self) -> None:
+        self.swap(self.project)
+        self.dispatcher.recover()
+        self.scheduler.start()
+        caught_up = self.scheduler.catch_up({n: f.flow for n, f in self.project.flows.items()})
+        if caught_up:
+            log.info("checked %d schedule(s) for fires missed while stopped", caught_up)
+        self._tasks.append(asyncio.create_task(self.dispatcher.run_forever(), name="dispatcher"))
+        self._tasks.append(asyncio.create_task(self._watch(), name="reloader"))
+        log.info("serving %d flow(s), %d webhook(s)", len(self.project.flows), len(self.hooks))
+
+    async def stop(self) -> None:
+        self.scheduler.shutdown()
+        await self.dispatcher.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.runtime.aclose()
+
+    async def _watch(self) -> None:
+        seen = snapshot(self.project.root)
+        while True:
+            await asyncio.sleep(self.reload_seconds)
+            try:
+                now = snapshot(self.project.root)
+                if now != seen:
+                    seen = now
+                    self.swap(reload_project(self.project))
+                    log.info(
+                        "reloaded: %d flow(s), %d problem(s)",
+                        len(self.project.flows),
+                        len(self.problems),
+                    )
+            except Exception:
+                log.exception("reloading the project failed; the previous version keeps running")
+
+    # ------------------------------------------------------------ HTTP endpoints
+
+    async def run_status(self, request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        record = self.runtime.history.get_run(run_id)
+        if record is None:
+            queued = self.dispatcher.queue.status(run_id)
+            if queued is None:
+                return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
+            return JSONResponse({"run_id": run_id, "status": "queued"})
+        return JSONResponse(
+            {
+                "run_id": record.id,
+                "flow": record.flow,
+                "status": record.status,
+                "started_at": record.started_at.isoformat(),
+                "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+                "error": record.error,
+                "outputs": record.outputs,
+            }
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse(
+            {"status": "ok", "flows": len(self.project.flows), "problems": len(self.problems)}
+        )
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def status(self, request: Request) -> Response:
+        now = datetime.now(UTC)
+        flows = {
+            name: {
+                "file": loaded.file,
+                "webhooks": [f"/hooks/{w.path}" for w in loaded.flow.webhooks],
+                "next_fires": sorted(
+                    t.isoformat() for s in loaded.flow.schedules for t in next_fire_times(s, now)
+                )[:3],
+            }
+            for name, loaded in sorted(self.project.flows.items())
+        }
+        return JSONResponse(
+            {
+                "flows": flows,
+                "problems": [p.as_dict() for p in self.problems],
+                "in_flight": self.dispatcher.in_flight,
+            }
+        )
+
+    def asgi(self) -> ASGIApp:
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop()
+
+        endpoint = WebhookEndpoint(lambda: self.hooks, self.dispatcher, self.runtime.auth.secrets)
+        app = Starlette(
+            routes=[
+                Route(
+                    "/hooks/{path:path}",
+                    endpoint.endpoint,
+                    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                ),
+                Route("/runs/{run_id}", self.run_status, name="run_status"),
+                Route("/healthz", self.healthz),
+                Route("/metrics", self.metrics_endpoint),
+                Route("/status", self.status),
+            ],
+            lifespan=lifespan,
+        )
+        if self.admin_token:
+            return AdminTokenGuard(app, self.admin_token)
+        return app
+
+
+class AdminTokenGuard:
+    """When bound beyond loopback, everything but /hooks and /healthz needs the admin token."""
+
+    OPEN = ("/hooks/", "/healthz")
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.OPEN):
+            headers = dict(scope.get("headers") or [])
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                response = JSONResponse({"error": "the admin token is required"}, 401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_server(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    project: Project | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Server:
+    project = project or load_project(root)
+    runtime = build_runtime(project.root, project=project)
+    cipher = TokenCipher.for_project(project.root / STATE_DIR)
+    queue = RunQueue(runtime.database, cipher, node=uuid.uuid4().hex[:12])
+    settings = project.settings.server
+    dispatcher = Dispatcher(
+        queue, runtime.history, lambda: runtime.engine, settings.max_runs_in_flight
+    )
+    metrics = Metrics()
+    metrics.subscribe(runtime.engine.bus)
+    metrics.gauges["flowrunner_queue_depth"] = lambda: float(queue.depth())
+    metrics.gauges["flowrunner_runs_in_flight"] = lambda: float(dispatcher.in_flight)
+    metrics.gauges["flowrunner_token_refreshes"] = lambda: float(runtime.auth.tokens.refresh_count)
+    admin_token = settings.admin_token
+    if not _is_loopback(host) and not admin_token:
+        raise ConfigurationError(
+            f"binding {host} exposes the server beyond this machine: set server.admin_token "
+            "in flowrunner.yaml (the UI and API will require it; /hooks and /healthz stay open)"
+        )
+    server = Server(
+        runtime,
+        dispatcher,
+        Scheduler(lambda f, i, t: None, clock),
+        metrics,
+        admin_token if not _is_loopback(host) else None,
+    )
+    server.scheduler.fire = server.fire
+    return server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(root: Path, host: str | None = None, port: int | None = None) -> None:
+    project = load_project(root)
+    settings = project.settings.server
+    host = host or settings.host
+    port = port if port is not None else settings.port
+    server = build_server(root, host=host, project=project)
+    for problem in project.problems:
+        log.warning("%s", problem.format())
+    config = uvicorn.Config(
+        server.asgi(),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()

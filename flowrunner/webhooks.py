@@ -1,0 +1,231 @@
+"""Webhook intake at ``/hooks/<path>``: check, store durably, then answer.
+
+Every refusal is a 4xx with a reason and creates no run. An accepted webhook is in the
+state store before its 2xx leaves, so a crash after the answer loses nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from flowrunner.dispatcher import Dispatcher, Submitted
+from flowrunner.errors import ExpressionError, FlowrunnerError
+from flowrunner.expressions import render, to_text
+from flowrunner.loader import Project
+from flowrunner.model import Webhook
+from flowrunner.model.flow import HmacAuth
+from flowrunner.runtime import RunStatus
+from flowrunner.secrets import Masker, SecretStore
+from flowrunner.store.queue import Dedupe
+from flowrunner.store.runs import RunRecord
+
+log = logging.getLogger("flowrunner.webhooks")
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Route:
+    flow: str
+    webhook: Webhook
+
+
+def routes_of(project: Project) -> dict[str, Route]:
+    return {
+        webhook.path: Route(name, webhook)
+        for name, loaded in project.flows.items()
+        for webhook in loaded.flow.webhooks
+    }
+
+
+class WebhookEndpoint:
+    def __init__(
+        self,
+        routes: Callable[[], dict[str, Route]],
+        dispatcher: Dispatcher,
+        secrets: SecretStore,
+    ) -> None:
+        self.routes = routes
+        self.dispatcher = dispatcher
+        self.secrets = secrets
+
+    async def endpoint(self, request: Request) -> Response:
+        try:
+            return await self.handle(request)
+        except Refused as refused:
+            log.info("webhook %s refused: %s", request.url.path, refused.reason)
+            return JSONResponse({"error": refused.reason}, status_code=refused.status)
+
+    async def handle(self, request: Request) -> Response:
+        path = request.path_params["path"].strip("/")
+        route = self.routes().get(path)
+        if route is None:
+            raise Refused(404, f"no webhook at /hooks/{path}")
+        webhook = route.webhook
+        if request.method not in webhook.methods:
+            raise Refused(405, f"/hooks/{path} accepts {', '.join(webhook.methods)}")
+        raw = await read_limited(request, webhook.max_body)
+        masker = Masker()
+        names = {"secrets": self.secrets.view(masker)}
+        user_token = self.authenticate(request, raw, webhook, names)
+        trigger = {
+            "kind": "webhook",
+            "body": parse_body(request.headers.get("content-type", ""), raw),
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "query": dict(request.query_params),
+            "method": request.method,
+            "path": path,
+        }
+        dedupe = None
+        if webhook.dedupe is not None:
+            try:
+                key = to_text(render(webhook.dedupe.key, {**names, "trigger": trigger}))
+            except ExpressionError as exc:
+                raise Refused(400, f"cannot compute the dedupe key: {exc.message}") from None
+            if key:
+                dedupe = Dedupe(f"webhook:{route.flow}", key, webhook.dedupe.for_)
+        try:
+            submitted = self.dispatcher.submit(route.flow, trigger, None, user_token, dedupe)
+        except FlowrunnerError as exc:
+            raise Refused(503, exc.message) from None
+        return await self.answer(request, submitted, webhook)
+
+    def authenticate(
+        self, request: Request, raw: bytes, webhook: Webhook, names: dict[str, Any]
+    ) -> str | None:
+        auth = webhook.auth
+        if auth == "none":
+            return None
+        header = request.headers.get("authorization", "")
+        if auth.hmac is not None:
+            check_hmac(auth.hmac, request, raw, to_text(render(auth.hmac.secret, names)))
+        elif auth.bearer is not None:
+            expected = "Bearer " + to_text(render(auth.bearer.token, names))
+            if not hmac.compare_digest(header.encode(), expected.encode()):
+                raise Refused(401, "a valid bearer token is required")
+        elif auth.basic is not None:
+            pair = (
+                f"{to_text(render(auth.basic.username, names))}:"
+                f"{to_text(render(auth.basic.password, names))}"
+            )
+            expected = "Basic " + base64.b64encode(pair.encode()).decode()
+            if not hmac.compare_digest(header.encode(), expected.encode()):
+                raise Refused(401, "valid basic credentials are required")
+        elif auth.connected_user:
+            if not header.strip():
+                raise Refused(
+                    401,
+                    "this webhook acts as the calling user: send the user's "
+                    "token in the Authorization header",
+                )
+            return header.strip()
+        return None
+
+    async def answer(self, request: Request, submitted: Submitted, webhook: Webhook) -> Response:
+        status_url = str(request.url_for("run_status", run_id=submitted.run_id))
+        body: dict[str, Any] = {"run_id": submitted.run_id, "status_url": status_url}
+        if submitted.status in (RunStatus.SKIPPED, RunStatus.FAILED):
+            return JSONResponse(
+                {**body, "status": submitted.status, "reason": submitted.reason},
+                status_code=409 if submitted.status == RunStatus.FAILED else 200,
+            )
+        if webhook.respond == "immediate":
+            extra = {"duplicate": True} if submitted.status == "duplicate" else {}
+            return JSONResponse({**body, "status": "queued", **extra}, status_code=202)
+        record = await self.dispatcher.wait_for(submitted.run_id, webhook.timeout.total_seconds())
+        if record is None:
+            return JSONResponse({**body, "status": "running"}, status_code=202)
+        return run_answer(record, body)
+
+
+def run_answer(record: RunRecord, body: dict[str, Any]) -> Response:
+    """The `respond` step's answer, else a summary of the run."""
+    if record.response:
+        response = record.response
+        headers = {str(k): str(v) for k, v in (response.get("headers") or {}).items()}
+        if "json" in response:
+            return JSONResponse(response["json"], status_code=response["status"], headers=headers)
+        return Response(
+            str(response.get("body") or ""), status_code=response["status"], headers=headers
+        )
+    summary = {**body, "status": record.status}
+    if record.status == RunStatus.SUCCEEDED:
+        return JSONResponse({**summary, "outputs": record.outputs}, status_code=200)
+    return JSONResponse({**summary, "error": record.error}, status_code=500)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(content_type: str, raw: bytes) -> Any:
+    content_type = content_type.lower()
+    if not raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(400, "the body is not UTF-8 text") from None
+    if "json" in content_type:
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise Refused(400, f"the body is not valid JSON: {exc}") from None
+    if "application/x-www-form-urlencoded" in content_type:
+        return dict(parse_qsl(text, keep_blank_values=True))
+    return text
+
+
+def check_hmac(spec: HmacAuth, request: Request, raw: bytes, secret: str) -> None:
+    signature = request.headers.get(spec.header, "")
+    if not signature:
+        raise Refused(401, f"the {spec.header} signature header is missing")
+    if spec.prefix:
+        if not signature.startswith(spec.prefix):
+            raise Refused(401, f"the signature must start with {spec.prefix!r}")
+        signature = signature[len(spec.prefix) :]
+    signed = raw
+    if spec.timestamp_header:
+        stamp = request.headers.get(spec.timestamp_header, "")
+        try:
+            sent_at = float(stamp)
+        except ValueError:
+            raise Refused(
+                401, f"the {spec.timestamp_header} timestamp is missing or invalid"
+            ) from None
+        if abs(time.time() - sent_at) > spec.tolerance.total_seconds():
+            raise Refused(401, "the timestamp is outside the tolerance window (a replay?)")
+        signed = stamp.encode() + b"." + raw
+    digest = hmac.new(secret.encode(), signed, getattr(hashlib, spec.algorithm)).digest()
+    expected = digest.hex() if spec.encoding == "hex" else base64.b64encode(digest).decode()
+    if not hmac.compare_digest(
+        signature.strip().lower() if spec.encoding == "hex" else signature.strip(), expected
+    ):
+        raise Refused(401, "the signature does not match the body")
