@@ -24,6 +24,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.nodes import EvalContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flowrunner.errors import ExpressionError
@@ -97,9 +98,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class _Environment(ImmutableSandboxedEnvironment):
+    """Data before methods: ``body.items`` is the JSON key 'items', as on the path fast path,
+    not ``dict.items``."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
 @cache
 def environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = _Environment(undefined=jinja2.StrictUndefined, autoescape=False)
     env.filters.update(
         jsonpath=_jsonpath,
         b64encode=_b64encode,
@@ -122,28 +133,34 @@ GLOBAL_NAMES = frozenset(
 
 
 class Expression:
-    """One ``${{ }}`` expression, parsed and ready to evaluate."""
+    """One ``${{ }}`` expression, parsed and ready to evaluate.
 
-    __slots__ = ("_evaluate", "references", "source")
+    Three tiers, cheapest first: a plain path (``steps.a.outputs.ids``), a path through
+    filters with literal arguments (``... | first | default('none')``), both evaluated
+    without Jinja; anything else is parsed by Jinja at load time (syntax, names and
+    filters checked) and compiled to Python on its first evaluation.
+    """
+
+    __slots__ = ("_compiled", "_evaluate", "references", "source")
 
     def __init__(self, source: str) -> None:
         self.source = source.strip()
-        path = _parse_path(self.source)
-        if path is not None:
+        self._compiled: Callable[[Mapping[str, Any]], Any] | None = None
+        fast = _parse_filtered_path(self.source)
+        if fast is not None:
+            path, filters = fast
             self.references: tuple[Reference, ...] = (path,)
-            self._evaluate: Callable[[Mapping[str, Any]], Any] = _path_reader(path)
-        else:
-            env = environment()
-            try:
-                tree = env.parse("{{ " + self.source + " }}")
-                compiled = env.compile_expression(self.source, undefined_to_none=False)
-            except jinja2.TemplateSyntaxError as exc:
-                reason = (exc.message or str(exc)).replace(
-                    "'end of print statement'", "the end of the expression"
-                )
-                raise ExpressionSyntaxError(self.source, reason) from None
-            self.references = tuple(_references(tree))
-            self._evaluate = compiled
+            self._evaluate: Callable[[Mapping[str, Any]], Any] = (
+                _path_reader(path) if not filters else _filtered_reader(path, filters)
+            )
+            return
+        self.references = _jinja_references(self.source)
+        self._evaluate = self._evaluate_with_jinja
+
+    def _evaluate_with_jinja(self, context: Mapping[str, Any]) -> Any:
+        if self._compiled is None:
+            self._compiled = environment().compile_expression(self.source, undefined_to_none=False)
+        return self._compiled(context)
 
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         try:
@@ -159,6 +176,134 @@ class Expression:
         if isinstance(value, jinja2.Undefined):
             raise ExpressionError(f"${{{{ {self.source} }}}}: value is undefined")
         return value
+
+
+# Step ids vary from flow to flow while the shape of expressions repeats; Jinja parses
+# each shape once, with step ids replaced by placeholders that are mapped back after.
+_STEP_ID = re.compile(r"\bsteps\s*\.\s*([A-Za-z_]\w*)")
+_PLACEHOLDER = re.compile(r"^__s(\d+)__$")
+_SHAPES: dict[str, tuple[Reference, ...] | ExpressionSyntaxError] = {}
+
+
+def _jinja_references(source: str) -> tuple[Reference, ...]:
+    ids: list[str] = []
+
+    def hide(match: re.Match[str]) -> str:
+        ids.append(match[1])
+        return f"steps.__s{len(ids) - 1}__"
+
+    shape = _STEP_ID.sub(hide, source)
+    found = _SHAPES.get(shape)
+    if found is None:
+        found = _SHAPES[shape] = _parse_shape(shape)
+    if isinstance(found, ExpressionSyntaxError):
+        raise ExpressionSyntaxError(source, found.reason)
+    return tuple(_unhide(ref, ids) for ref in found)
+
+
+def _unhide(ref: Reference, ids: list[str]) -> Reference:
+    if ref.root != "steps" or not ref.path or not isinstance(ref.path[0], str):
+        return ref
+    match = _PLACEHOLDER.match(ref.path[0])
+    if match is None:
+        return ref
+    return Reference(ref.root, (ids[int(match[1])], *ref.path[1:]))
+
+
+def _parse_shape(shape: str) -> tuple[Reference, ...] | ExpressionSyntaxError:
+    env = environment()
+    try:
+        tree = env.parse("{{ " + shape + " }}")
+    except jinja2.TemplateSyntaxError as exc:
+        reason = (exc.message or str(exc)).replace(
+            "'end of print statement'", "the end of the expression"
+        )
+        return ExpressionSyntaxError(shape, reason)
+    for node in tree.find_all((nodes.Filter, nodes.Test)):
+        known = env.filters if isinstance(node, nodes.Filter) else env.tests
+        if node.name not in known:
+            what = "filter" if isinstance(node, nodes.Filter) else "test"
+            return ExpressionSyntaxError(shape, f"no {what} named '{node.name}'")
+    return tuple(_references(tree))
+
+
+_FILTER = re.compile(
+    r"""\|\s*(?P<name>[A-Za-z_]\w*)\s*(?:\((?P<args>(?:\s*(?:'[^'\\]*'|"[^"\\]*"|-?\d+(?:\.\d+)?|"""
+    r"""true|false|none|True|False|None)\s*,?)*)\))?\s*"""
+)
+_ARG = re.compile(r"""'[^'\\]*'|"[^"\\]*"|-?\d+(?:\.\d+)?|true|false|none|True|False|None""")
+_LITERALS = {"true": True, "false": False, "none": None, "True": True, "False": False, "None": None}
+Filter = tuple[str, tuple[Any, ...]]
+
+
+def _parse_filtered_path(source: str) -> tuple[Reference, tuple[Filter, ...]] | None:
+    head, bar, _ = source.partition("|")
+    path = _parse_path(head)
+    if path is None:
+        return None
+    if not bar:
+        return path, ()
+    rest = source[len(head) :]
+    filters: list[Filter] = []
+    position = 0
+    env = environment()
+    while position < len(rest):
+        match = _FILTER.match(rest, position)
+        if match is None or match.end() == position:
+            return None
+        name = match["name"]
+        function = env.filters.get(name)
+        if function is None or _pass_arg(function) == "context":
+            return None  # Jinja reports unknown filters; context filters need Jinja
+        args = tuple(_literal(a) for a in _ARG.findall(match["args"] or ""))
+        filters.append((name, args))
+        position = match.end()
+    return path, tuple(filters)
+
+
+def _literal(text: str) -> Any:
+    if text in _LITERALS:
+        return _LITERALS[text]
+    if text[0] in "'\"":
+        return text[1:-1]
+    return float(text) if "." in text else int(text)
+
+
+def _pass_arg(function: Callable[..., Any]) -> str | None:
+    marker = getattr(function, "jinja_pass_arg", None)
+    return getattr(marker, "name", None)
+
+
+def _filtered_reader(
+    ref: Reference, filters: tuple[Filter, ...]
+) -> Callable[[Mapping[str, Any]], Any]:
+    read = _path_reader(ref)
+    env = environment()
+    steps: list[tuple[Callable[..., Any], str | None, tuple[Any, ...]]] = [
+        (env.filters[name], _pass_arg(env.filters[name]), args) for name, args in filters
+    ]
+    first_is_default = filters[0][0] in ("default", "d")
+
+    def evaluate(context: Mapping[str, Any]) -> Any:
+        chain = steps
+        try:
+            value = read(context)
+        except ExpressionError:
+            if not first_is_default:
+                raise
+            # `missing | default(x)`: Jinja's default replaces what is undefined.
+            value = steps[0][2][0] if steps[0][2] else ""
+            chain = steps[1:]
+        for function, passes, args in chain:
+            if passes == "environment":
+                value = function(env, value, *args)
+            elif passes == "eval_context":
+                value = function(EvalContext(env), value, *args)
+            else:
+                value = function(value, *args)
+        return value
+
+    return evaluate
 
 
 class ExpressionSyntaxError(ExpressionError):
@@ -267,6 +412,11 @@ class Template:
             last = match.end()
         if last < len(source):
             self.parts.append(source[last:])
+        for part in self.parts:
+            if isinstance(part, str) and "${{" in part:
+                # Not a literal: a forgotten '}}' would otherwise send '${{ x' as it is.
+                unclosed = part[part.index("${{") :]
+                raise ExpressionSyntaxError(unclosed, "'${{' is not closed with '}}'")
         self.expressions = [p for p in self.parts if isinstance(p, Expression)]
         self.single = len(self.parts) == 1 and isinstance(self.parts[0], Expression)
 

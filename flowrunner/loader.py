@@ -8,6 +8,8 @@ so that whatever runs the project only ever sees valid definitions.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,7 +128,47 @@ _EXAMPLES = {
     "http": "http: {method: GET, url: https://api.example.com/items}",
     "inputs": "inputs:\n  site: {type: string, default: HQ}",
     "url": "url: ${{ vars.base }}/assets",
+    "concurrency": "concurrency: {limit: 1, when_busy: queue}",
 }
+
+# What a value of each pydantic type error should have been, in the user's words.
+_EXPECTED = {
+    "model_type": "a mapping (key: value)",
+    "dict_type": "a mapping (key: value)",
+    "list_type": "a list",
+    "string_type": "text",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+
+# Names with a fixed alphabet: what it is, and how to turn a wrong value into a right one.
+_PATTERNS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "name": (
+        "lowercase letters, digits and '-'",
+        lambda v: re.sub(r"[^a-z0-9]+", "-", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", v).lower()),
+    ),
+    "id": (
+        "letters, digits and '_' (it is written steps.<id> in expressions)",
+        lambda v: re.sub(r"\W+", "_", v),
+    ),
+    "path": (
+        "lowercase letters, digits, '-', '_' and '/' (served under /hooks/)",
+        lambda v: re.sub(r"[^a-z0-9_/-]+", "-", v.lower()),
+    ),
+}
+_PATTERNS["call"] = _PATTERNS["name"]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, bool) or value is None:
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return "a list" if isinstance(value, list) else "a mapping"
 
 
 def _data_path(doc: SourceDocument, loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -146,19 +188,23 @@ def _data_path(doc: SourceDocument, loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _is_shape_error(kind: str) -> bool:
-    return kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid")
+    return kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "union_tag_invalid")
 
 
 def pydantic_problems(doc: SourceDocument, exc: pydantic.ValidationError) -> list[Problem]:
-    errors = exc.errors(include_url=False)
+    # Where a union reports several errors at one place, the list of allowed words says most.
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "literal_error")
     paths = [_data_path(doc, tuple(e["loc"])) for e in errors]
     problems: list[Problem] = []
     seen: set[Position] = set()
     for error, path in zip(errors, paths, strict=True):
         # A value that fits one branch of a union reports errors for every branch;
-        # keep the most specific ones (the deepest) and drop "wrong type" noise.
+        # keep the most specific ones (the deepest, or a real error at the same place)
+        # and drop "wrong type" noise.
         if _is_shape_error(error["type"]) and any(
-            len(other) > len(path) and other[: len(path)] == path for other in paths
+            other[: len(path)] == path
+            and (len(other) > len(path) or not _is_shape_error(other_error["type"]))
+            for other_error, other in zip(errors, paths, strict=True)
         ):
             continue
         problem = _problem_from_error(doc, error, path)
@@ -223,13 +269,34 @@ def _problem_from_error(doc: SourceDocument, error: Any, path: tuple[Any, ...]) 
             f"did you mean '{suggestion}'?" if suggestion else None,
             "choice",
         )
+    at = ctx.get("at", "")
+    position = doc.position((*path, at), key=True) if at != "" else doc.position(path)
+    value = doc.value_at(path)
+    if kind == "string_pattern_mismatch" and field_name in _PATTERNS and isinstance(value, str):
+        rule, fix = _PATTERNS[field_name]
+        suggestion = fix(value).strip("-_/")
+        return Problem(
+            position,
+            f"{field_name} {value!r}: use only {rule}",
+            f"for example: {field_name}: {suggestion}" if suggestion else None,
+            "pattern",
+        )
+    if kind == "too_short" and field_name:
+        return Problem(
+            position,
+            f"{field_name}: needs at least {ctx.get('min_length', 1)} item(s), found none",
+            _EXAMPLES.get(field_name),
+            kind,
+        )
     message = error["msg"]
-    if kind.endswith("_type") and field_name:
+    if kind in _EXPECTED and field_name:
+        message = f"{field_name}: expected {_EXPECTED[kind]}, found {_describe(value)}"
+    elif kind.endswith("_type") and field_name:
         message = f"{field_name}: {message[0].lower()}{message[1:]}"
     elif field_name and not message.startswith(field_name) and path:
         message = f"{field_name}: {message}"
     hint = ctx.get("hint") or (_EXAMPLES.get(field_name or "") if kind.endswith("_type") else None)
-    return Problem(doc.position(path), message, hint, kind)
+    return Problem(position, message, hint, kind)
 
 
 def _trigger_kind_problem(doc: SourceDocument, loc: tuple[Any, ...]) -> Problem:
@@ -340,14 +407,13 @@ def expand_paths(paths: list[Path]) -> list[tuple[Path, FileKind]]:
     return files
 
 
-def _display(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        try:
-            return str(path.resolve().relative_to(root))
-        except ValueError:
-            return str(path)
+def _display(path: Path, root: Path, cwd: Path) -> str:
+    """How a file is named in messages: relative to the current directory when inside it."""
+    resolved = path if path.is_absolute() and ".." not in path.parts else path.resolve()
+    for base in (cwd, root):
+        if resolved.is_relative_to(base):
+            return str(resolved.relative_to(base))
+    return str(path)
 
 
 def load_project(root: Path, paths: list[Path] | None = None) -> Project:
@@ -365,8 +431,9 @@ def load_project(root: Path, paths: list[Path] | None = None) -> Project:
         known = {p.resolve() for p, _ in files}
         files += [(p, k) for p, k in extra if p.resolve() not in known]
     displays: dict[str, Path] = {}
+    cwd = Path.cwd().resolve()
     for path, kind in files:
-        display = _display(path, root)
+        display = _display(path, root, cwd)
         displays[display] = path.resolve()
         _load_into(project, path, kind, display)
     check_project(project)

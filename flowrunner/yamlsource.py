@@ -16,7 +16,26 @@ import yaml
 from flowrunner.errors import Position, Problem
 
 # libyaml's parser when PyYAML has it: several times faster than the pure-Python one.
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc]
+    """libyaml's parser with a memo in front of PyYAML's tag resolver, which runs regexes
+    in Python for every scalar although flow files repeat the same keys and values."""
+
+    _resolved: dict[tuple[Any, ...], str] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is not yaml.ScalarNode or not isinstance(value, str) or implicit is None:
+            return super().resolve(kind, value, implicit)
+        key = (value, implicit[0], implicit[1])
+        tag = self._resolved.get(key)
+        if tag is None:
+            tag = super().resolve(kind, value, implicit)
+            if len(self._resolved) < 100_000:
+                self._resolved[key] = tag
+        return tag
+
 
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 Loc = Sequence[str | int]
@@ -87,6 +106,8 @@ def _child(node: yaml.Node, part: str | int) -> tuple[yaml.Node | None, yaml.Nod
 
 
 def _scalar_key(node: yaml.ScalarNode) -> Any:
+    if node.tag == "tag:yaml.org,2002:bool" and node.value.lower() not in ("true", "false"):
+        return node.value  # as _Builder.scalar reads it: `on:` is a key, not True
     try:
         return _CONSTRUCTOR.construct_object(node, deep=True)
     except yaml.YAMLError:
@@ -140,7 +161,7 @@ class _Builder:
                             result.setdefault(k, v)
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
-                self.problems.append(self.unhashable_key(key_node))
+                self.problems.append(self.unhashable_key(key_node, node))
                 continue
             key = self.scalar(key_node)
             if key in seen:
@@ -159,10 +180,14 @@ class _Builder:
             result[key] = self.build(value_node, depth + 1)
         return result
 
-    def unhashable_key(self, key_node: yaml.Node) -> Problem:
+    def unhashable_key(self, key_node: yaml.Node, parent: yaml.Node) -> Problem:
         if isinstance(key_node, yaml.MappingNode):
+            # `{{ x }}` is a mapping whose key is a mapping: point at the first brace.
+            start = key_node.start_mark
+            outer = parent.start_mark
+            braces = outer.line == start.line and outer.column == start.column - 1
             return Problem(
-                self.position(key_node),
+                self.position(parent if braces else key_node),
                 "'{{ ... }}' here is read by YAML as a mapping, not an expression",
                 "write expressions as ${{ ... }}, e.g. url: ${{ vars.base }}/assets",
                 code="bare_braces",
@@ -203,6 +228,12 @@ def _syntax_problem(exc: yaml.MarkedYAMLError, file: str, text: str) -> Problem:
         problem = "one flow or profile per file: this file holds several YAML documents"
     elif "{{" in source_line and "${{" not in source_line:
         hint = "expressions are written ${{ ... }}"
+    elif "mapping values are not allowed" in problem:
+        hint = "a value that contains ': ' must be quoted, e.g. log: \"Site: ${{ inputs.site }}\""
     elif exc.context:
-        problem = f"{problem} ({exc.context.strip()})"
+        context = exc.context.strip()
+        started = exc.context_mark
+        if started is not None and started.line + 1 != line:
+            context += f" that starts at line {started.line + 1}, column {started.column + 1}"
+        problem = f"{problem} ({context})"
     return Problem(Position(file, line, column), f"invalid YAML: {problem}", hint, code="yaml")
