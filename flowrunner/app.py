@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -13,10 +15,13 @@ from flowrunner.engine import Engine
 from flowrunner.events import EventBus
 from flowrunner.history import record_history
 from flowrunner.loader import Project, load_project
+from flowrunner.notify import Notifier
+from flowrunner.reminders import Reminders
 from flowrunner.secrets import SecretStore
 from flowrunner.store import Database, RunHistory, default_database_url
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import STATE_DIR
+from flowrunner.store.notifications import NotificationStore
 from flowrunner.store.tokens import TokenStore
 
 DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
@@ -45,6 +50,8 @@ class Runtime:
     auth: ProfileAuth
     engine: Engine
     client: httpx.AsyncClient
+    notifier: Notifier
+    reminders: Reminders
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -66,6 +73,7 @@ def build_runtime(
     project: Project | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     keep_history: bool = True,
+    clock: Callable[[], datetime] | None = None,
 ) -> Runtime:
     project = project or load_project(root)
     database, history = open_database(project)
@@ -75,6 +83,21 @@ def build_runtime(
         record_history(bus, history)
     client = make_client(transport)
     tokens = token_store(project, database)
-    auth = ProfileAuth(project, secrets, tokens, client)
+    auth = ProfileAuth(project, secrets, tokens, client, clock)
     engine = Engine(project, client, auth, secrets, bus)
-    return Runtime(project, database, history, tokens, auth, engine, client)
+    notifications = NotificationStore(database)
+    notifier = Notifier(project.settings, secrets, notifications, client, clock)
+    runtime = Runtime(
+        project,
+        database,
+        history,
+        tokens,
+        auth,
+        engine,
+        client,
+        notifier,
+        Reminders(lambda: project, auth, notifications, notifier, clock),
+    )
+    # The reminders follow the project the runtime holds, which serve swaps on reload.
+    runtime.reminders.project = lambda: runtime.project
+    return runtime

@@ -21,6 +21,7 @@ from flowrunner.loader import Project, find_project_root, load_project
 from flowrunner.logs import quiet_third_party_loggers
 from flowrunner.model import BearerProfile, OAuth2Profile, SessionProfile
 from flowrunner.profile_status import profile_states
+from flowrunner.reminders import calendar
 from flowrunner.schema import SchemaKind, json_schema
 from flowrunner.secrets import Masker
 from flowrunner.store.runs import RunRecord, StepRecord
@@ -358,11 +359,13 @@ def profiles_default(ctx: typer.Context, project: ProjectOption = None) -> None:
 
 @profiles_app.command("list")
 def profiles_list(project: ProjectOption = None) -> None:
-    """Every profile: kind, status, expiry, refresh-token lapse, last use, last error."""
+    """Every profile: kind, status, expiry, refresh-token lapse, next reminder, last use."""
     loaded = _load_for_run(project)
     runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
     now = datetime.now(UTC)
     try:
+        reminders = runtime.reminders
+        next_reminders = {d.profile: reminders.next_reminder_at(d) for d in reminders.deadlines()}
         table = Table(
             "profile",
             "kind",
@@ -370,6 +373,7 @@ def profiles_list(project: ProjectOption = None) -> None:
             "expires",
             "refresh token lapses",
             "regenerate by",
+            "next reminder",
             "last used",
             "last error",
             box=None,
@@ -383,10 +387,57 @@ def profiles_list(project: ProjectOption = None) -> None:
                 _when(state.expires_at, now),
                 _when(state.refresh_lapses_at, now),
                 _when(state.regenerate_by, now),
+                _when(next_reminders.get(state.name), now),
                 f"{state.last_used_at:%Y-%m-%d %H:%M}" if state.last_used_at else "",
                 escape((state.last_error or "")[:60]),
             )
         out.print(table)
+        failures = runtime.notifier.store.failures()
+        if failures:
+            out.print(f"\n[red]{len(failures)} notification(s) not delivered yet:[/]")
+            for item in failures:
+                out.print(
+                    f"  {escape(item.subject)} via {escape(item.channel)}: "
+                    f"{escape(item.last_error or '')} ({item.attempts} attempt(s), "
+                    f"next {item.next_attempt_at:%Y-%m-%d %H:%M})"
+                )
+    finally:
+        asyncio.run(runtime.aclose())
+
+
+@profiles_app.command("remind")
+def profiles_remind(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, send nothing.")] = False,
+    project: ProjectOption = None,
+) -> None:
+    """Send the reminders that are due now (the server does this on its own)."""
+    loaded = _load_for_run(project)
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
+
+    async def remind() -> None:
+        try:
+            due = runtime.reminders.due() if dry_run else runtime.reminders.send_due()
+            for reminder in due:
+                out.print(f"[bold]{escape(reminder.subject)}[/]")
+                out.print(escape(reminder.body) + "\n")
+            if not due:
+                out.print("no reminder is due")
+            if not dry_run:
+                delivered, failed = await runtime.notifier.deliver_due()
+                out.print(f"delivered {delivered}, failed {failed}")
+        finally:
+            await runtime.aclose()
+
+    asyncio.run(remind())
+
+
+@profiles_app.command("calendar")
+def profiles_calendar(project: ProjectOption = None) -> None:
+    """Print every credential deadline as an iCalendar (.ics) file."""
+    loaded = _load_for_run(project)
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
+    try:
+        sys.stdout.write(calendar(runtime.reminders.deadlines(), datetime.now(UTC)))
     finally:
         asyncio.run(runtime.aclose())
 

@@ -11,10 +11,12 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import uvicorn
@@ -27,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flowrunner.app import Runtime, build_runtime
 from flowrunner.dispatcher import Dispatcher
 from flowrunner.errors import ConfigurationError, Problem
+from flowrunner.events import RunEvent
 from flowrunner.loader import Project, load_project
 from flowrunner.metrics import Metrics
 from flowrunner.reloader import reload_project, snapshot
@@ -77,10 +80,51 @@ class Server:
         self.problems = list(project.problems)
         self.scheduler.sync({n: f.flow for n, f in project.flows.items()})
 
+    async def housekeeping(self) -> None:
+        """Keep-alive refreshes, reminders, status alerts, then deliveries; at start-up and
+        every ``reminders.check_every``."""
+        reminders = self.runtime.reminders
+        for name, job in (("keep-alive", reminders.keep_alive),):
+            try:
+                await job()
+            except Exception:
+                log.exception("%s failed", name)
+        for name, check in (
+            ("reminders", reminders.send_due),
+            ("status alerts", reminders.alert_status_changes),
+        ):
+            try:
+                check()
+            except Exception:
+                log.exception("%s failed", name)
+        await self.deliver()
+
+    async def deliver(self) -> None:
+        try:
+            await self.runtime.notifier.deliver_due()
+        except Exception:
+            log.exception("delivering notifications failed")
+
+    async def on_run_event(self, event: RunEvent) -> None:
+        if event.kind != "run_finished" or event.run.status != "failed":
+            return
+        quiet = self.project.settings.reminders.failure_quiet_period
+        reminders = self.runtime.reminders
+        alerted = reminders.alert_run_failure(event, quiet)
+        changed = reminders.alert_status_changes()
+        if alerted or changed:
+            self._tasks.append(asyncio.create_task(self.deliver(), name="deliver"))
+
     async def start(self) -> None:
         self.swap(self.project)
         self.dispatcher.recover()
+        self.runtime.engine.bus.subscribe(self.on_run_event)
+        self.scheduler.every(
+            "housekeeping", self.project.settings.reminders.check_every, self.housekeeping
+        )
+        self.scheduler.every("deliveries", timedelta(minutes=1), self.deliver)
         self.scheduler.start()
+        self._tasks.append(asyncio.create_task(self.housekeeping(), name="housekeeping"))
         caught_up = self.scheduler.catch_up({n: f.flow for n, f in self.project.flows.items()})
         if caught_up:
             log.info("checked %d schedule(s) for fires missed while stopped", caught_up)
@@ -275,4 +319,24 @@ def serve(root: Path, host: str | None = None, port: int | None = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
-    uvicorn.Server(config).run()
+    run_until_signalled(uvicorn.Server(config))
+
+
+def run_until_signalled(server: uvicorn.Server) -> None:
+    """Run uvicorn until SIGTERM or SIGINT, and return once it has shut down gracefully.
+
+    uvicorn raises the signal it stopped on again after its shutdown, which kills the
+    process with that signal (exit status -15) after a clean stop; while it runs, its
+    own handlers are installed, and the ones set here only absorb that second raise so
+    that a graceful stop exits 0, as process managers expect.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in handled}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

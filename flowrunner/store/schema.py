@@ -120,10 +120,51 @@ dedupe_keys = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
+# One row per reminder threshold reached for one credential (by fingerprint, never the
+# token): what makes a reminder go out once, across restarts.
+reminders_sent = Table(
+    "reminders_sent",
+    metadata,
+    Column("profile", String(100), primary_key=True),
+    Column("fingerprint", String(64), primary_key=True),
+    Column("threshold_seconds", Integer, primary_key=True),
+    Column("sent_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every notification, per channel, until delivered: retried with backoff, never dropped
+# silently; failures stay visible.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("channel", String(100), nullable=False),
+    Column("topic", String(200), nullable=False),  # e.g. "profile:iobeya" or "flow:sync"
+    Column("subject", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("recipients", JSON, nullable=False),
+    Column("status", String(20), nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Index("ix_outbox_status", "status", "next_attempt_at"),
+)
+
+# The last status each profile was alerted for, and when each flow last alerted a failure.
+alert_state = Table(
+    "alert_state",
+    metadata,
+    Column("topic", String(200), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
 # Version -> tables created by that migration. Append; never edit a released entry.
 MIGRATIONS: list[list[Table]] = [
     [runs, run_steps],
     [credentials],
     [run_queue, dedupe_keys],
+    [reminders_sent, outbox, alert_state],
 ]
 LATEST_VERSION = len(MIGRATIONS)
