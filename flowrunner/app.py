@@ -74,10 +74,11 @@ def build_runtime(
     transport: httpx.AsyncBaseTransport | None = None,
     keep_history: bool = True,
     clock: Callable[[], datetime] | None = None,
+    secrets: SecretStore | None = None,
 ) -> Runtime:
     project = project or load_project(root)
     database, history = open_database(project)
-    secrets = SecretStore(project.root)
+    secrets = secrets or SecretStore(project.root)
     bus = EventBus()
     if keep_history:
         record_history(bus, history)

@@ -536,6 +536,14 @@ def serve(
     host: Annotated[str | None, typer.Option("--host", help="Default: 127.0.0.1.")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Default: 8800.")] = None,
     log_format: Annotated[str, typer.Option("--log-format", help="json or text.")] = "json",
+    with_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Also start the sandbox API on 127.0.0.1:8900 and use "
+            "its demo credentials (.env.example) for secrets not set otherwise.",
+        ),
+    ] = False,
     project: ProjectOption = None,
 ) -> None:
     """Run the project: schedules, webhooks at /hooks/<path>, run status, live reload."""
@@ -543,8 +551,20 @@ def serve(
     from flowrunner.server import serve as serve_project
 
     configure_logging(json_lines=log_format == "json")
+    root = _project_root(project)
     try:
-        serve_project(_project_root(project), host, port)
+        secrets = None
+        if with_sandbox:
+            from flowrunner.demo import connect_to_sandbox, sandbox_secrets, start_sandbox
+
+            start_sandbox()
+            secrets = sandbox_secrets(root)
+            connected = connect_to_sandbox(root, secrets)
+            err.print(
+                "sandbox on http://127.0.0.1:8900 (admin view: /_admin/stats); "
+                f"machine-user token stored for: {', '.join(connected) or 'none'}"
+            )
+        serve_project(root, host, port, secrets)
     except FlowrunnerError as exc:
         err.print(f"[red]{escape(exc.message)}[/]")
         raise typer.Exit(exc.exit_code) from None

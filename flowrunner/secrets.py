@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 from flowrunner.errors import ExpressionError
 
@@ -52,6 +55,9 @@ class Masker:
             return
         forms = {value, base64.b64encode(value.encode()).decode("ascii")}
         forms.add(base64.urlsafe_b64encode(value.encode()).decode("ascii").rstrip("="))
+        # How the value reads once encoded into a URL (query or path) or a JSON string.
+        forms |= {quote(value, safe=""), quote_plus(value, safe=""), quote(value)}
+        forms |= {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
         new = forms - self._values
         if new:
             self._values |= new
@@ -89,16 +95,44 @@ current_masker: contextvars.ContextVar[Masker | None] = contextvars.ContextVar(
 )
 
 
-class SecretStore:
-    """The secrets available to a project: environment first, then ``.env``."""
+class MaskingFilter(logging.Filter):
+    """Masks the running flow's secrets in log records: httpx logs every URL it requests,
+    query-string API keys included, and exceptions may quote what they were given."""
 
-    def __init__(self, project_root: Path | None = None, environ: Mapping[str, str] | None = None):
+    def filter(self, record: logging.LogRecord) -> bool:
+        masker = current_masker.get()
+        if masker is None:
+            return True
+        message = record.getMessage()
+        masked = masker.mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = masker.mask(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class SecretStore:
+    """The secrets available to a project: environment first, then ``.env``, then any
+    fallback files (``flowrunner serve --sandbox`` adds ``.env.example``)."""
+
+    def __init__(
+        self,
+        project_root: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        fallbacks: list[Path] | None = None,
+    ):
         self._environ = os.environ if environ is None else environ
-        self._dotenv = read_dotenv(project_root / ".env") if project_root else {}
+        self._files = [read_dotenv(project_root / ".env")] if project_root else []
+        self._files += [read_dotenv(path) for path in fallbacks or []]
 
     def get(self, name: str) -> str | None:
         value = self._environ.get(name)
-        return value if value is not None else self._dotenv.get(name)
+        for values in self._files:
+            if value:
+                break
+            value = values.get(name) or value
+        return value
 
     def view(self, masker: Masker) -> SecretsView:
         return SecretsView(self, masker)

@@ -34,6 +34,7 @@ from flowrunner.loader import Project, load_project
 from flowrunner.metrics import Metrics
 from flowrunner.reloader import reload_project, snapshot
 from flowrunner.scheduling import FIRE_KEY_WINDOW, Scheduler, next_fire_times
+from flowrunner.secrets import SecretStore
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import STATE_DIR
 from flowrunner.store.queue import Dedupe, RunQueue
@@ -263,9 +264,10 @@ def build_server(
     host: str = "127.0.0.1",
     project: Project | None = None,
     clock: Callable[[], datetime] | None = None,
+    secrets: SecretStore | None = None,
 ) -> Server:
     project = project or load_project(root)
-    runtime = build_runtime(project.root, project=project)
+    runtime = build_runtime(project.root, project=project, clock=clock, secrets=secrets)
     cipher = TokenCipher.for_project(project.root / STATE_DIR)
     queue = RunQueue(runtime.database, cipher, node=uuid.uuid4().hex[:12])
     settings = project.settings.server
@@ -303,12 +305,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(root: Path, host: str | None = None, port: int | None = None) -> None:
+def serve(
+    root: Path,
+    host: str | None = None,
+    port: int | None = None,
+    secrets: SecretStore | None = None,
+) -> None:
     project = load_project(root)
     settings = project.settings.server
     host = host or settings.host
     port = port if port is not None else settings.port
-    server = build_server(root, host=host, project=project)
+    server = build_server(root, host=host, project=project, secrets=secrets)
     for problem in project.problems:
         log.warning("%s", problem.format())
     config = uvicorn.Config(

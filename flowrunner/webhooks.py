@@ -98,7 +98,9 @@ class WebhookEndpoint:
             try:
                 key = to_text(render(webhook.dedupe.key, {**names, "trigger": trigger}))
             except ExpressionError as exc:
-                raise Refused(400, f"cannot compute the dedupe key: {exc.message}") from None
+                # A sender that omits its delivery id still gets its run, just no dedupe.
+                log.info("no dedupe key for /hooks/%s: %s", path, exc.message)
+                key = ""
             if key:
                 dedupe = Dedupe(f"webhook:{route.flow}", key, webhook.dedupe.for_)
         try:
