@@ -9,7 +9,7 @@ every node and every restart computes the same fire times.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -37,32 +37,64 @@ def trigger_for(schedule: Schedule) -> BaseTrigger:
     return IntervalTrigger(seconds=schedule.every.total_seconds(), start_date=EPOCH, timezone=zone)
 
 
+def _after(trigger: BaseTrigger, previous: datetime | None, moment: datetime) -> datetime | None:
+    """The trigger's next fire time after ``moment`` (and ``previous``), skipping the
+    second occurrence of a repeated wall-clock time of a cron schedule.
+
+    Arithmetic happens in UTC: adding a microsecond to a local time in the repeated hour
+    of a DST change loses its ``fold`` and goes back an hour (APScheduler then answers
+    the same time again, forever). A cron rule names wall-clock times, so on the night
+    clocks go back a 02:30 rule fires at the first 02:30 only, as cron does.
+    """
+    moment = moment.astimezone(UTC) + timedelta(microseconds=1)
+    current: datetime | None = trigger.get_next_fire_time(previous, moment)
+    for _ in range(4):  # a repeated wall time is skipped at most once per fire
+        if current is None or not (isinstance(trigger, CronTrigger) and _repeated(current)):
+            break
+        current = trigger.get_next_fire_time(
+            current, current.astimezone(UTC) + timedelta(microseconds=1)
+        )
+    return current
+
+
+def _repeated(moment: datetime) -> bool:
+    """A local time on its second pass (the hour repeated when clocks go back)."""
+    return moment.fold == 1 and moment.utcoffset() != moment.replace(fold=0).utcoffset()
+
+
 def fire_times(
     trigger: BaseTrigger, start: datetime, end: datetime, limit: int = 10_000
 ) -> list[datetime]:
     """Fire times in (start, end], bounded."""
     times: list[datetime] = []
-    previous: datetime | None = None
-    current = trigger.get_next_fire_time(None, start + timedelta(microseconds=1))
+    current = _after(trigger, None, start)
     while current is not None and current <= end and len(times) < limit:
         times.append(current)
-        previous = current
-        current = trigger.get_next_fire_time(previous, previous + timedelta(microseconds=1))
+        current = _after(trigger, current, current)
     return times
 
 
 def latest_fire(trigger: BaseTrigger, now: datetime, window: timedelta) -> datetime | None:
-    found = fire_times(trigger, now - window, now)
-    return found[-1] if found else None
+    """The last fire time in (now - window, now]. The search widens backwards from a second,
+    so a frequent schedule costs a few steps, not every fire of a long window (a day of
+    ``every: 1s`` is 86,400 fires, more than ``fire_times`` would even list)."""
+    span = min(window, timedelta(seconds=1))
+    while True:
+        found = fire_times(trigger, now - span, now)
+        if found:
+            return found[-1]
+        if span >= window:
+            return None
+        span = min(window, span * 4)
 
 
 def next_fire_times(schedule: Schedule, now: datetime, count: int = 3) -> list[datetime]:
     trigger = trigger_for(schedule)
     times: list[datetime] = []
-    current = trigger.get_next_fire_time(None, now)
+    current = _after(trigger, None, now - timedelta(microseconds=1))
     while current is not None and len(times) < count:
         times.append(current)
-        current = trigger.get_next_fire_time(current, current + timedelta(microseconds=1))
+        current = _after(trigger, current, current)
     return times
 
 
@@ -105,6 +137,18 @@ class Scheduler:
             )
             self._jobs[job_id] = (flow_name, schedule.model_dump_json())
 
+    def every(self, job_id: str, interval: timedelta, job: Callable[[], Awaitable[Any]]) -> None:
+        """A housekeeping job (reminder checks, notification delivery) on an interval."""
+        self._scheduler.add_job(
+            job,
+            IntervalTrigger(seconds=interval.total_seconds()),
+            id=job_id,
+            replace_existing=True,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=None,
+        )
+
     def catch_up(self, flows: dict[str, Flow]) -> int:
         """Fires missed while the runner was down: the latest one within the grace period,
         for schedules with ``catch_up: latest``. Its key makes it a no-op if it already ran."""
@@ -120,10 +164,13 @@ class Scheduler:
                     count += 1
         return count
 
-    def _on_fire(self, flow: str, index: int, trigger: Any) -> None:
+    async def _on_fire(self, flow: str, index: int, trigger: Any) -> None:
+        # A coroutine, so that APScheduler runs it on the event loop: a plain function would
+        # run in a worker thread, and the dispatcher's wake-up event is not thread-safe.
         # APScheduler does not pass the scheduled time; the latest fire time at or before
-        # now is it (jobs run at most a grace period late).
-        fired_at = latest_fire(trigger, self.clock() + timedelta(seconds=1), timedelta(days=1))
+        # now is it (APScheduler never runs a job before its time, and at most a grace
+        # period late).
+        fired_at = latest_fire(trigger, self.clock(), timedelta(days=1))
         if fired_at is None:
             return
         try:
