@@ -35,6 +35,7 @@ from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, finge
 
 log = logging.getLogger("flowrunner.auth")
 TOUCH_EVERY_SECONDS = 60.0
+BEARER_REREAD_SECONDS = 5.0
 
 
 class ProfileAuth:
@@ -56,6 +57,7 @@ class ProfileAuth:
         self.tokens = TokenManager(store, self.clock)
         self._status: dict[str, str] = {}
         self._touched: dict[str, float] = {}
+        self._bearer_cache: dict[str, tuple[float, Credential | None]] = {}
 
     def profile(self, name: str) -> ProfileBase:
         loaded = self.project.profiles.get(name)
@@ -117,7 +119,7 @@ class ProfileAuth:
             return self._names(masker)
 
         if isinstance(profile, OAuth2Profile):
-            return OAuth2Grants(profile, self.client, lambda v: render(v, names()))
+            return OAuth2Grants(profile, self.client, lambda v: render(v, names()), self.clock)
         return SessionGrants(profile, self.client, lambda v, extra: render(v, names() | extra))
 
     async def credential(
@@ -169,7 +171,7 @@ class ProfileAuth:
                 candidates.append(configured)
         except Exception as exc:
             log.debug("bearer profile %s: configured token unavailable: %s", profile.name, exc)
-        stored = self.store.load(profile.name)
+        stored = self._stored_bearer(profile.name)
         if stored is not None and stored.access_token and stored.status != ProfileStatus.REJECTED:
             candidates.append(stored.access_token)
         if not candidates:
@@ -197,6 +199,18 @@ class ProfileAuth:
             )
         return token, bearer_expiry(profile, token)
 
+    def _stored_bearer(self, name: str) -> Credential | None:
+        """The token stored with set-token, re-read at most every few seconds: a request
+        must not cost a database read, and a token set from another process is still
+        picked up promptly."""
+        now = time.monotonic()
+        cached = self._bearer_cache.get(name)
+        if cached is not None and now - cached[0] < BEARER_REREAD_SECONDS:
+            return cached[1]
+        stored = self.store.load(name)
+        self._bearer_cache[name] = (now, stored)
+        return stored
+
     def mark_rejected(self, name: str, token: str) -> None:
         stored = self.store.load(name) or Credential(name)
         self.store.save(
@@ -208,6 +222,7 @@ class ProfileAuth:
             )
         )
         self._status[name] = ProfileStatus.REJECTED
+        self._bearer_cache.pop(name, None)
 
     def set_bearer_token(self, profile: BearerProfile, token: str) -> Credential:
         claims = jwt.claims(token)
@@ -220,6 +235,7 @@ class ProfileAuth:
         )
         self.store.save(credential)
         self._status[profile.name] = ProfileStatus.OK
+        self._bearer_cache.pop(profile.name, None)
         return credential
 
     # ------------------------------------------------------------ connected users
