@@ -6,8 +6,9 @@ import re
 from datetime import timedelta
 
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_WHOLE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+$")
+# ASCII digits only: `\d` would also accept other scripts' digits, which float() reads.
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)")
+_WHOLE = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d|w))+$")
 
 DURATION_HINT = "write a number and a unit: 500ms, 30s, 15m, 2h, 14d, 1w (or combined: 1h30m)"
 
@@ -19,12 +20,18 @@ def parse_duration(text: str | int | float) -> timedelta:
     if isinstance(text, int | float):
         if text < 0:
             raise ValueError(f"a duration cannot be negative ({text})")
-        return timedelta(seconds=text)
+        try:
+            return timedelta(seconds=text)
+        except (OverflowError, ValueError):
+            raise ValueError(f"{text!r} is too long for a duration") from None
     compact = text.strip().replace(" ", "").lower()
     if not compact or not _WHOLE.match(compact):
         raise ValueError(f"{text!r} is not a duration")
     seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(compact))
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"{text!r} is too long for a duration") from None
 
 
 def format_duration(delta: timedelta) -> str:

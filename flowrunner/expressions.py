@@ -165,6 +165,8 @@ class Expression:
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         try:
             value = self._evaluate(context)
+        except _Missing as exc:  # quote the whole expression, filters included
+            raise ExpressionError(f"${{{{ {self.source} }}}}: {exc.detail}") from None
         except ExpressionError:
             raise
         except jinja2.UndefinedError as exc:
@@ -333,20 +335,28 @@ def _parse_path(source: str) -> Reference | None:
     return Reference(root, tuple(parts))
 
 
+class _Missing(ExpressionError):
+    """A path reads what is not there; Expression.evaluate names the expression."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 def _path_reader(ref: Reference) -> Callable[[Mapping[str, Any]], Any]:
     root, path = ref.root, ref.path
 
     def read(context: Mapping[str, Any]) -> Any:
         if root not in context:
-            raise ExpressionError(f"${{{{ {ref} }}}}: '{root}' is undefined")
+            raise _Missing(f"'{root}' is undefined")
         value = context[root]
         for depth, part in enumerate(path):
             try:
                 value = value[part]
             except (KeyError, IndexError, TypeError):
                 where = ".".join([root, *(str(p) for p in path[:depth])])
-                raise ExpressionError(
-                    f"${{{{ {ref} }}}}: {where} has no {part!r}"
+                raise _Missing(
+                    f"{where} has no {part!r}"
                     + (f" (it is {_describe(value)})" if not isinstance(value, Mapping) else "")
                 ) from None
         return value

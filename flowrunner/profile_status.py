@@ -7,7 +7,14 @@ from datetime import datetime, timedelta
 
 from flowrunner.auth import jwt
 from flowrunner.auth.provider import ProfileAuth
-from flowrunner.model import BearerProfile, ConnectedUserProfile, OAuth2Profile, SessionProfile
+from flowrunner.model import (
+    BearerProfile,
+    ConnectedUserProfile,
+    OAuth2Profile,
+    ProfileBase,
+    SessionProfile,
+)
+from flowrunner.model.settings import Settings
 from flowrunner.store.tokens import ProfileStatus
 from flowrunner.store.tokens import fingerprint as token_fingerprint
 
@@ -32,6 +39,13 @@ class ProfileState:
         if not moments and self.refresh_lapses_at is not None:
             moments = [self.refresh_lapses_at]
         return min(moments) if moments else None
+
+
+def remind_before(profile: ProfileBase, settings: Settings) -> list[timedelta]:
+    """The profile's own ``remind_before``, else the project's ``reminders.remind_before``."""
+    if "remind_before" in profile.model_fields_set:
+        return list(profile.remind_before)
+    return list(settings.reminders.remind_before)
 
 
 def profile_states(auth: ProfileAuth, now: datetime) -> list[ProfileState]:
@@ -70,7 +84,7 @@ def profile_states(auth: ProfileAuth, now: datetime) -> list[ProfileState]:
             # A refresh token's lapse needs a human only when nothing else can log in again.
             stranded = isinstance(profile, OAuth2Profile) and profile.grant == "refresh_token"
             status = _time_status(
-                profile.remind_before,
+                remind_before(profile, auth.project.settings),
                 expires_at,
                 regenerate_by,
                 refresh_lapses if stranded else None,

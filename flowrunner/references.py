@@ -44,6 +44,13 @@ RUN_FIELDS = ("id", "flow", "started_at", "user")
 WEBHOOK_TRIGGER_FIELDS = ("body", "headers", "query", "method", "path", "user", "kind")
 SCHEDULE_TRIGGER_FIELDS = ("fired_at", "kind")
 FLOW_NAMES = frozenset({"trigger", "inputs", "vars", "steps", "secrets", "run"})
+# Names that exist only in some places of a flow, and where.
+_ONLY_IN = {
+    "item": "'item' exists only in the steps of a for_each",
+    "index": "'index' exists only in the steps of a for_each",
+    "error": "'error' exists only in the catch steps of a group",
+    "page": "'page' exists only in a paginate stop condition",
+}
 _NESTED_KEYS = {
     "for_each": ("steps",),
     "group": ("group", "catch", "finally"),
@@ -324,7 +331,7 @@ class FlowChecker:
                 f"unknown name '{ref.root}' in ${{{{ {ref} }}}}",
                 f"did you mean '{suggestion}'?"
                 if suggestion
-                else f"names here: {', '.join(sorted(scope.names))}",
+                else _ONLY_IN.get(ref.root, f"names here: {', '.join(sorted(scope.names))}"),
                 "unknown_name",
             )
             return
@@ -428,7 +435,7 @@ def _offset_of(text: str, source: str) -> int:
     for match in EXPRESSION.finditer(text):
         if match[1].strip() == source:
             return match.start()
-    return 0
+    return max(text.find(source), 0)
 
 
 def _strings(value: Any, loc: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:

@@ -9,6 +9,7 @@ every node and every restart computes the same fire times.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,9 +33,49 @@ Fire = Callable[[str, int, datetime], None]
 def trigger_for(schedule: Schedule) -> BaseTrigger:
     zone = ZoneInfo(schedule.timezone)
     if schedule.cron is not None:
-        return CronTrigger.from_crontab(schedule.cron, timezone=zone)
+        return CronTrigger.from_crontab(crontab_for_apscheduler(schedule.cron), timezone=zone)
     assert schedule.every is not None  # noqa: S101 - the model guarantees one rule
     return IntervalTrigger(seconds=schedule.every.total_seconds(), start_date=EPOCH, timezone=zone)
+
+
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_DAY_ATOM = re.compile(r"^(?P<start>\*|\w+)(?:-(?P<end>\w+))?(?:/(?P<step>\d+))?$")
+
+
+def crontab_for_apscheduler(expression: str) -> str:
+    """Cron counts weekdays from Sunday (0 or 7); APScheduler 3 counts from Monday (0),
+    also in ranges and steps. The day-of-week field is expanded to the days it means,
+    by name, which both read the same way."""
+    fields = expression.split()
+    if len(fields) != 5 or fields[4] == "*":
+        return expression
+    days: set[int] = set()
+    for atom in fields[4].split(","):
+        match = _DAY_ATOM.match(atom)
+        if match is None:
+            return expression  # the validator reports it; keep APScheduler's own error
+        step = int(match["step"] or 1)
+        first: int | None
+        last: int | None
+        if match["start"] == "*":
+            first, last = 0, 6
+        else:
+            first = _day_number(match["start"])
+            last = _day_number(match["end"]) if match["end"] else (6 if match["step"] else first)
+        if first is None or last is None:
+            return expression
+        if last < first:
+            last += 7
+        days.update(day % 7 for day in range(first, last + 1, max(step, 1)))
+    fields[4] = ",".join(_DAY_NAMES[day] for day in sorted(days))
+    return " ".join(fields)
+
+
+def _day_number(text: str) -> int | None:
+    if text.isdigit():
+        return int(text) % 7 if int(text) <= 7 else None
+    lowered = text.lower()[:3]
+    return _DAY_NAMES.index(lowered) if lowered in _DAY_NAMES else None
 
 
 def _after(trigger: BaseTrigger, previous: datetime | None, moment: datetime) -> datetime | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -27,11 +27,16 @@ SEED_KEY = "_seed"  # fingerprint of the configured refresh token once it has be
 
 class OAuth2Grants:
     def __init__(
-        self, profile: OAuth2Profile, client: httpx.AsyncClient, render: Callable[[Any], Any]
+        self,
+        profile: OAuth2Profile,
+        client: httpx.AsyncClient,
+        render: Callable[[Any], Any],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.profile = profile
         self.client = client
         self.render = render
+        self.clock = clock
 
     def _value(self, template: str | None) -> str | None:
         return to_text(self.render(template)) if template is not None else None
@@ -44,7 +49,7 @@ class OAuth2Grants:
         lapsed = (
             stored is not None
             and stored.refresh_expires_at is not None
-            and stored.refresh_expires_at <= datetime.now(stored.refresh_expires_at.tzinfo)
+            and stored.refresh_expires_at <= self.clock()
         )
         if now_ok and not lapsed and profile.grant != "client_credentials":
             assert stored is not None and stored.refresh_token  # noqa: S101 - checked above

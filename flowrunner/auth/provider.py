@@ -36,6 +36,7 @@ from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, finge
 log = logging.getLogger("flowrunner.auth")
 TOUCH_EVERY_SECONDS = 60.0
 BEARER_REREAD_SECONDS = 5.0
+REVOKED_KEY = "revoked"  # bearer: fingerprints of the tokens refused with 401
 
 
 class ProfileAuth:
@@ -172,31 +173,30 @@ class ProfileAuth:
         except Exception as exc:
             log.debug("bearer profile %s: configured token unavailable: %s", profile.name, exc)
         stored = self._stored_bearer(profile.name)
+        revoked = set(stored.extra.get(REVOKED_KEY, [])) if stored is not None else set()
+        if stored is not None and stored.status == ProfileStatus.REJECTED and stored.fingerprint:
+            revoked.add(stored.fingerprint)
         if stored is not None and stored.access_token and stored.status != ProfileStatus.REJECTED:
             candidates.append(stored.access_token)
-        if not candidates:
-            if stored is not None and stored.status == ProfileStatus.REJECTED:
-                candidates.append(stored.access_token or "")
-            else:
-                raise StepFailed(
-                    f"auth profile '{profile.name}' has no token: set its secret, or "
-                    f"run 'flowrunner profiles set-token {profile.name}'"
-                )
-        token = max(
-            candidates, key=lambda t: bearer_expiry(profile, t) or datetime.max.replace(tzinfo=UTC)
-        )
         if masker is not None:
-            masker.add(token)
-        if (
-            stored is not None
-            and stored.status == ProfileStatus.REJECTED
-            and stored.fingerprint == fingerprint(token)
-        ):
+            for value in candidates:
+                masker.add(value)
+        # A token once refused with 401 is never sent again, whichever expires later.
+        usable = [t for t in candidates if fingerprint(t) not in revoked]
+        if not usable:
+            if revoked:
+                raise StepFailed(
+                    f"auth profile '{profile.name}': this token was refused with 401 (revoked). "
+                    "An administrator must log in as the machine user, generate a new token, "
+                    f"and run 'flowrunner profiles set-token {profile.name}'"
+                )
             raise StepFailed(
-                f"auth profile '{profile.name}': this token was refused with 401 (revoked). "
-                "An administrator must log in as the machine user, generate a new token, and "
+                f"auth profile '{profile.name}' has no token: set its secret, or "
                 f"run 'flowrunner profiles set-token {profile.name}'"
             )
+        token = max(
+            usable, key=lambda t: bearer_expiry(profile, t) or datetime.max.replace(tzinfo=UTC)
+        )
         return token, bearer_expiry(profile, token)
 
     def _stored_bearer(self, name: str) -> Credential | None:
@@ -213,23 +213,43 @@ class ProfileAuth:
 
     def mark_rejected(self, name: str, token: str) -> None:
         stored = self.store.load(name) or Credential(name)
+        revoked = sorted(set(stored.extra.get(REVOKED_KEY, [])) | {fingerprint(token)})
+        extra = {**stored.extra, REVOKED_KEY: revoked}
+        self._bearer_cache.pop(name, None)
+        if (
+            stored.access_token
+            and stored.access_token != token
+            and stored.status != ProfileStatus.REJECTED
+        ):
+            # Another token (stored with set-token) has not been refused: keep it for the
+            # next run, and only remember that this one was revoked.
+            self.store.save(replace(stored, extra=extra))
+            return
         self.store.save(
             replace(
                 stored,
                 access_token=token,
+                extra=extra,
                 status=ProfileStatus.REJECTED,
                 last_error="refused with 401 before its expiry: revoked",
             )
         )
         self._status[name] = ProfileStatus.REJECTED
-        self._bearer_cache.pop(name, None)
 
     def set_bearer_token(self, profile: BearerProfile, token: str) -> Credential:
         claims = jwt.claims(token)
+        stored = self.store.load(profile.name)
+        # Revoked tokens stay revoked (the secret may still hold one); a human who sets one
+        # of them again is believed.
+        revoked = set(stored.extra.get(REVOKED_KEY, [])) if stored is not None else set()
+        if stored is not None and stored.status == ProfileStatus.REJECTED and stored.fingerprint:
+            revoked.add(stored.fingerprint)
+        revoked.discard(fingerprint(token))
         credential = Credential(
             profile=profile.name,
             access_token=token,
             access_expires_at=bearer_expiry(profile, token),
+            extra={REVOKED_KEY: sorted(revoked)} if revoked else {},
             issued_at=jwt.claim_time(claims, "iat") or self.clock(),
             status=ProfileStatus.OK,
         )

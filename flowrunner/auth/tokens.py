@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -35,6 +37,9 @@ LEASE_LENGTH = timedelta(seconds=60)
 LEASE_POLL_SECONDS = 0.05
 LEASE_WAIT_SECONDS = 90.0
 CLOCK_SKEW = timedelta(seconds=30)
+# After a refresh ahead of expiry met a busy token endpoint, the still-valid token is used
+# for this long before the next attempt, so that every request does not wait on back-offs.
+BUSY_PAUSE_SECONDS = 30.0
 
 
 class InvalidGrant(Exception):
@@ -65,9 +70,10 @@ class TokenManager:
     ) -> None:
         self.store = store
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.holder = holder or uuid.uuid4().hex
+        self.holder = holder or lease_holder_id()
         self._cache: dict[str, Credential] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._busy_until: dict[str, float] = {}
         self.refresh_count = 0
 
     def cached(self, profile: str) -> Credential | None:
@@ -96,13 +102,15 @@ class TokenManager:
         """A credential valid for at least ``margin``; ``rejected`` is a token the API just
         refused with 401, which forces a refresh unless someone already replaced it."""
         current = self._cache.get(profile)
-        if rejected is None and self.usable(current, margin):
+        if rejected is None and (self.usable(current, margin) or self._resting(profile, current)):
             assert current is not None  # noqa: S101 - narrowed by usable()
             return current
         lock = self._locks.setdefault(profile, asyncio.Lock())
         async with lock:
             current = self._cache.get(profile)
-            if self._fresh_enough(current, margin, rejected):
+            if self._fresh_enough(current, margin, rejected) or (
+                rejected is None and self._resting(profile, current)
+            ):
                 assert current is not None  # noqa: S101 - narrowed by _fresh_enough()
                 return current
             await self._take_lease(profile)
@@ -112,11 +120,35 @@ class TokenManager:
                     assert stored is not None  # noqa: S101 - narrowed by _fresh_enough()
                     self._cache[profile] = stored
                     return stored
-                fresh = await self._obtain(profile, stored, obtain, parse)
+                try:
+                    fresh = await self._obtain(profile, stored, obtain, parse)
+                except TokenEndpointBusy:
+                    # A refresh ahead of expiry can wait: the current token still works.
+                    if rejected is None and self.usable(stored, timedelta(0)):
+                        assert stored is not None  # noqa: S101 - narrowed by usable()
+                        log.warning(
+                            "auth profile %s: the token endpoint is busy; the current token "
+                            "is used until %s",
+                            profile,
+                            stored.access_expires_at,
+                        )
+                        loop = asyncio.get_running_loop()
+                        self._busy_until[profile] = loop.time() + BUSY_PAUSE_SECONDS
+                        self._cache[profile] = stored
+                        return stored
+                    raise
+                self._busy_until.pop(profile, None)
                 self._cache[profile] = fresh
                 return fresh
             finally:
                 self.store.release_lease(profile, self.holder)
+
+    def _resting(self, profile: str, credential: Credential | None) -> bool:
+        """The token endpoint was busy a moment ago and this token is still valid."""
+        until = self._busy_until.get(profile)
+        if until is None or asyncio.get_running_loop().time() >= until:
+            return False
+        return self.usable(credential, timedelta(0))
 
     def _fresh_enough(
         self, credential: Credential | None, margin: timedelta, rejected: str | None
@@ -130,6 +162,13 @@ class TokenManager:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + LEASE_WAIT_SECONDS
         while not self.store.try_lease(profile, self.holder, self.clock(), LEASE_LENGTH):
+            holder = self.store.lease_holder(profile)
+            if holder is not None and _holder_died(holder):
+                # Killed in the middle of a refresh: its lease need not run out. What it
+                # was refreshing is in the store (a spent refresh token is never resent).
+                log.warning("auth profile %s: taking over the lease of a dead process", profile)
+                self.store.release_lease(profile, holder)
+                continue
             if loop.time() > give_up:
                 raise TokenEndpointBusy(
                     profile, "another process has been refreshing this token for too long"
@@ -144,7 +183,7 @@ class TokenManager:
             self._record_status(
                 profile, stored, ProfileStatus.NEEDS_LOGIN, "no credential left to obtain a token"
             )
-            raise NeedsLogin(profile, _needs_login_help(stored))
+            raise NeedsLogin(profile, _needs_login_help(profile))
         last_problem = "no grant succeeded"
         for grant in grants:
             if grant.refresh_token is not None:
@@ -175,6 +214,20 @@ class TokenManager:
                     "the stored tokens are unchanged",
                 )
             fresh = parse(data, stored, now)
+            kept = stored.refresh_token if stored is not None else None
+            if (
+                fresh.refresh_token is not None
+                and fresh.refresh_token == kept
+                and stored is not None
+                and stored.refresh_token_spent
+                and grant.refresh_token != kept
+            ):
+                # Another grant succeeded without a new refresh token: the old one was
+                # refused or lost, never to be sent again.
+                fresh = replace(fresh, refresh_token=None, refresh_expires_at=None)
+            if fresh.refresh_token is None and grant.refresh_token is not None:
+                # The answer did not rotate the refresh token this grant sent: it stays good.
+                fresh = replace(fresh, refresh_token=grant.refresh_token)
             # A rotated refresh token is new; one the answer omitted was not consumed.
             fresh = replace(
                 fresh,
@@ -193,7 +246,7 @@ class TokenManager:
             )
             return fresh
         self._record_status(profile, stored, ProfileStatus.NEEDS_LOGIN, last_problem)
-        raise NeedsLogin(profile, f"{last_problem}. {_needs_login_help(stored)}")
+        raise NeedsLogin(profile, f"{last_problem}. {_needs_login_help(profile)}")
 
     def _record_status(
         self, profile: str, stored: Credential | None, status: str, error: str
@@ -203,10 +256,36 @@ class TokenManager:
         self._cache.pop(profile, None)
 
 
-def _needs_login_help(stored: Credential | None) -> str:
+def lease_holder_id() -> str:
+    """``host:pid:random``: unique, and tells a process on the same host whether the
+    holder of a lease is still alive."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _holder_died(holder: str) -> bool:
+    """The holder was a process of this host that no longer exists."""
+    if os.name != "posix":
+        return False
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:40] or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
+
+
+def _needs_login_help(profile: str) -> str:
     return (
         "A human must provide a new credential: put a new refresh token or password in the "
-        "profile's secrets, then run 'flowrunner profiles check NAME'"
+        f"profile's secrets, then run 'flowrunner profiles check {profile}'"
     )
 
 

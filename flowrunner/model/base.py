@@ -73,8 +73,15 @@ def _duration(value: Any) -> timedelta:
     try:
         return parse_duration(value)
     except ValueError as exc:
+        error = str(exc) if not isinstance(value, float) else f"{value!r} is not a duration"
         raise PydanticCustomError(
-            "duration", "{error}", {"error": str(exc), "hint": DURATION_HINT}
+            "duration", "{error}", {"error": error, "hint": DURATION_HINT}
+        ) from exc
+    except OverflowError as exc:  # .inf, 1e400, 99999999999999d: beyond what timedelta holds
+        raise PydanticCustomError(
+            "duration",
+            "{value} is too long for a duration",
+            {"value": value, "hint": DURATION_HINT},
         ) from exc
 
 

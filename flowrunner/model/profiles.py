@@ -32,12 +32,19 @@ class ProfileBase(StrictModel):
     @field_validator("allowed_hosts")
     @classmethod
     def _bare_hosts(cls, hosts: list[str]) -> list[str]:
-        for host in hosts:
+        for index, host in enumerate(hosts):
             if "/" in host or " " in host or not host:
+                bare = urlsplit(host).hostname if "//" in host else None
                 raise PydanticCustomError(
                     "host",
-                    "{host!r} is not a host name",
-                    {"host": host, "hint": "allowed_hosts: [api.example.com, *.example.com]"},
+                    "'{host}' is not a host name",
+                    {
+                        "host": host,
+                        "at": index,
+                        "hint": f"write the host alone: {bare}"
+                        if bare
+                        else "allowed_hosts: [api.example.com, *.example.com]",
+                    },
                 )
         return [h.lower() for h in hosts]
 

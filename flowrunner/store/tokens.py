@@ -166,6 +166,13 @@ class TokenStore:
             )
             return bool(result.rowcount)
 
+    def lease_holder(self, profile: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(credentials.c.lease_holder).where(credentials.c.profile == profile)
+            ).first()
+        return row[0] if row is not None else None
+
     def release_lease(self, profile: str, holder: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(
