@@ -22,7 +22,8 @@ from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import OAuth2Profile
 from flowrunner.store.tokens import Credential, fingerprint
 
-SEED_KEY = "_seed"  # fingerprint of the configured refresh token once it has been used
+SEED_KEY = "_seed"
+USED_REFRESH_TOKEN = "__used_refresh_token"  # fingerprint of the configured refresh token once it has been used
 
 
 class OAuth2Grants:
@@ -119,6 +120,10 @@ class OAuth2Grants:
             data = await post_token_request(self.client, profile.name, build)
             if name == "configured refresh token" and refresh_token:
                 data[f"__{SEED_KEY}"] = fingerprint(refresh_token)
+            if refresh_token:
+                # A server that does not rotate (SuperOffice) omits the refresh token from
+                # its answer: the one just used stays the one to use next time.
+                data[USED_REFRESH_TOKEN] = refresh_token
             return data
 
         return Grant(name, send, refresh_token)
@@ -134,7 +139,7 @@ class OAuth2Grants:
         refresh_token = (
             new_refresh
             if isinstance(new_refresh, str) and new_refresh
-            else (stored.refresh_token if stored else None)
+            else data.get(USED_REFRESH_TOKEN) or (stored.refresh_token if stored else None)
         )
         refresh_expires_at = stored.refresh_expires_at if stored and not new_refresh else None
         refresh_lifetime = parse_expires_in(data.get("refresh_token_expires_in"))
