@@ -22,8 +22,10 @@ from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import OAuth2Profile
 from flowrunner.store.tokens import Credential, fingerprint
 
+# Fingerprint of the configured refresh token once it has been used.
 SEED_KEY = "_seed"
-USED_REFRESH_TOKEN = "__used_refresh_token"  # fingerprint of the configured refresh token once it has been used
+# Where a grant notes the refresh token it sent (a key name, not a token).
+USED_REFRESH_TOKEN = "__used_refresh_token"  # noqa: S105
 
 
 class OAuth2Grants:
