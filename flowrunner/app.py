@@ -27,10 +27,31 @@ from flowrunner.store.tokens import TokenStore
 DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
 
 
+class _NoCookies(httpx.Cookies):
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class FlowClient(httpx.AsyncClient):
+    """No cookie jar: one client serves every run, flow and profile, and a cookie set by
+    one API answer must not ride along on another run's requests (it also saves parsing
+    every response through the standard library's cookie machinery)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, value: object) -> None:
+        return None
+
+
 def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """One pooled client for the process, over aiohttp's transport: httpx's API (auth flows,
     MockTransport in tests) at a fraction of its default transport's per-request cost."""
-    return httpx.AsyncClient(
+    return FlowClient(
         transport=transport or AiohttpTransport(limits=DEFAULT_LIMITS),
         timeout=httpx.Timeout(30.0),
         headers={"User-Agent": "flowrunner"},

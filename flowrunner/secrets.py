@@ -51,7 +51,7 @@ class Masker:
         self._pattern: re.Pattern[str] | None = None
 
     def add(self, value: object) -> None:
-        if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH:
+        if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH or value in self._values:
             return
         forms = {value, base64.b64encode(value.encode()).decode("ascii")}
         forms.add(base64.urlsafe_b64encode(value.encode()).decode("ascii").rstrip("="))

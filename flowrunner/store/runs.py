@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from flowrunner.store.database import Database
 from flowrunner.store.schema import run_steps, runs
@@ -52,6 +52,23 @@ _STEP_COLUMNS = (
 )  # fmt: skip
 
 
+# Built once: every run writes these, and building a statement per call costs more than
+# running it.
+_INSERT_RUN = insert(runs)
+_INSERT_STEPS = insert(run_steps)
+_FINISH_RUN = (
+    update(runs)
+    .where(runs.c.id == bindparam("run_key"))
+    .values(
+        status=bindparam("status"),
+        finished_at=bindparam("finished_at"),
+        outputs=bindparam("outputs"),
+        response=bindparam("response"),
+        error=bindparam("error"),
+    )
+)
+
+
 class RunHistory:
     def __init__(self, database: Database) -> None:
         self.engine = database.engine
@@ -59,16 +76,17 @@ class RunHistory:
     def record_started(self, run: RunRecord) -> None:
         with self.engine.begin() as conn:
             conn.execute(
-                insert(runs).values(
-                    id=run.id,
-                    flow=run.flow,
-                    status=run.status,
-                    trigger=run.trigger,
-                    inputs=run.inputs,
-                    user=run.user,
-                    parent_id=run.parent_id,
-                    started_at=run.started_at,
-                )
+                _INSERT_RUN,
+                {
+                    "id": run.id,
+                    "flow": run.flow,
+                    "status": run.status,
+                    "trigger": run.trigger,
+                    "inputs": run.inputs,
+                    "user": run.user,
+                    "parent_id": run.parent_id,
+                    "started_at": run.started_at,
+                },
             )
 
     def record_finished(self, run: RunRecord) -> None:
@@ -76,22 +94,22 @@ class RunHistory:
         with self.engine.begin() as conn:
             if run.steps:
                 conn.execute(
-                    insert(run_steps),
+                    _INSERT_STEPS,
                     [
                         {"run_id": run.id, **{c: getattr(s, c) for c in _STEP_COLUMNS}}
                         for s in run.steps
                     ],
                 )
             conn.execute(
-                update(runs)
-                .where(runs.c.id == run.id)
-                .values(
-                    status=run.status,
-                    finished_at=run.finished_at,
-                    outputs=run.outputs,
-                    response=run.response,
-                    error=run.error,
-                )
+                _FINISH_RUN,
+                {
+                    "run_key": run.id,
+                    "status": run.status,
+                    "finished_at": run.finished_at,
+                    "outputs": run.outputs,
+                    "response": run.response,
+                    "error": run.error,
+                },
             )
 
     def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:
@@ -110,7 +128,7 @@ class RunHistory:
             steps = conn.execute(
                 select(run_steps).where(run_steps.c.run_id == run.id).order_by(run_steps.c.seq)
             )
-            run.steps = [StepRecord(**{c: s._mapping[c] for c in _STEP_COLUMNS}) for s in steps]
+            run.steps = [_step(s._mapping) for s in steps]
             return run
 
     def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
@@ -135,6 +153,17 @@ class RunHistory:
             conn.execute(delete(runs).where(runs.c.id == run_id))
 
 
+def _utc(value: datetime) -> datetime:
+    """SQLite keeps no time zone: the times written are UTC, so read them back as UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _step(row: Any) -> StepRecord:
+    step = StepRecord(**{c: row[c] for c in _STEP_COLUMNS})
+    step.started_at = _utc(step.started_at)
+    return step
+
+
 def _run(row: Any) -> RunRecord:
     return RunRecord(
         id=row["id"],
@@ -142,8 +171,8 @@ def _run(row: Any) -> RunRecord:
         status=row["status"],
         trigger=row["trigger"],
         inputs=row["inputs"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
+        started_at=_utc(row["started_at"]),
+        finished_at=_utc(row["finished_at"]) if row["finished_at"] is not None else None,
         outputs=row["outputs"],
         response=row["response"],
         error=row["error"],
