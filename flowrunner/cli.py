@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -332,12 +332,13 @@ def _when(moment: datetime | None, now: datetime) -> str:
         return ""
     delta = moment - now
     days = delta.total_seconds() / 86400
-    relative = (
-        f"in {days:.0f}d"
-        if days >= 1
-        else (f"in {delta.total_seconds() / 3600:.1f}h" if delta.total_seconds() > 0 else "passed")
-    )
-    return f"{moment:%Y-%m-%d %H:%M} ({relative})"
+    if abs(delta.total_seconds()) < 60:
+        relative = "now"
+    elif days >= 1:
+        relative = f"in {days:.0f}d"
+    else:
+        relative = f"in {delta.total_seconds() / 3600:.1f}h" if delta > timedelta(0) else "passed"
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} ({relative})"
 
 
 _PROFILE_STYLE = {
@@ -361,8 +362,9 @@ def profiles_default(ctx: typer.Context, project: ProjectOption = None) -> None:
 def profiles_list(project: ProjectOption = None) -> None:
     """Every profile: kind, status, expiry, refresh-token lapse, next reminder, last use."""
     loaded = _load_for_run(project)
-    runtime = build_runtime(loaded.root, project=loaded, keep_history=False)
     now = datetime.now(UTC)
+    # One moment for the whole table: a reminder due now reads "now", not "passed".
+    runtime = build_runtime(loaded.root, project=loaded, keep_history=False, clock=lambda: now)
     try:
         reminders = runtime.reminders
         next_reminders = {d.profile: reminders.next_reminder_at(d) for d in reminders.deadlines()}

@@ -49,12 +49,13 @@ from flowrunner.runtime import (
     elapsed_ms,
     step_result,
 )
-from flowrunner.secrets import Masker, SecretStore, current_masker
+from flowrunner.secrets import Masker, MaskingFilter, SecretStore, current_masker
 from flowrunner.steps import basic, control
-from flowrunner.steps.http import run_http_step
+from flowrunner.steps.http import HttpCall, run_http_step
 from flowrunner.store.runs import RunRecord, StepRecord
 
 log = logging.getLogger("flowrunner.engine")
+log.addFilter(MaskingFilter())  # unexpected exceptions are logged with their message
 MAX_CALL_DEPTH = 10
 _SENSITIVE_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-key")
 
@@ -212,7 +213,14 @@ class Engine:
         for name, value in flow.vars.items():
             scope.names["vars"][name] = scope.render(value)
         await self._run_steps(flow.steps, scope, prefix)
-        return scope.render(flow.outputs) if flow.outputs else None
+        if not flow.outputs:
+            return None
+        try:
+            return scope.render(flow.outputs)
+        except ExpressionError:
+            if context.dry_run:
+                return None  # without responses there is nothing to compute them from
+            raise
 
     async def _run_steps(self, steps: list[Step], scope: Scope, prefix: str) -> None:
         for step in steps:
@@ -231,7 +239,8 @@ class Engine:
             started_at=datetime.now(UTC),
             duration_ms=0,
         )
-        call = None
+        # Made here so that a request interrupted by a timeout still reaches the history.
+        call: HttpCall | None = HttpCall(step, scope, run) if isinstance(step, HttpStep) else None
         try:
             if step.if_ is not None and not scope.condition(step.if_):
                 record.status = StepStatus.SKIPPED
@@ -239,12 +248,11 @@ class Engine:
                 return
             timeout = step.timeout.total_seconds() if step.timeout else None
             async with asyncio.timeout(timeout):
-                result, call, message = await self._dispatch(step, scope, run, path)
+                result, message = await self._dispatch(step, scope, run, path, call)
             record.message = message
             record.outputs = run.excerpt(result["outputs"]) if result["outputs"] else None
             scope.steps[step.id] = result
         except Exception as failure:
-            call = getattr(failure, "call", None) or call
             message = _failure_message(failure, step)
             if run.dry_run and isinstance(failure, ExpressionError):
                 # Without responses, later steps cannot be rendered; say so and go on.
@@ -279,30 +287,30 @@ class Engine:
             run.record(record)
 
     async def _dispatch(
-        self, step: Step, scope: Scope, run: RunContext, path: str
-    ) -> tuple[StepResult, Any, str | None]:
+        self, step: Step, scope: Scope, run: RunContext, path: str, call: HttpCall | None
+    ) -> tuple[StepResult, str | None]:
         if isinstance(step, HttpStep):
-            result, call = await run_http_step(step, scope, run)
-            return result, call, None
+            result, _ = await run_http_step(step, scope, run, call)
+            return result, None
         if isinstance(step, SetStep):
-            return await basic.run_set(step, scope, run), None, None
+            return await basic.run_set(step, scope, run), None
         if isinstance(step, ForEachStep):
-            return await control.run_for_each(step, scope, run, path), None, None
+            return await control.run_for_each(step, scope, run, path), None
         if isinstance(step, GroupStep):
-            return await control.run_group(step, scope, run, path), None, None
+            return await control.run_group(step, scope, run, path), None
         if isinstance(step, SwitchStep):
-            return await control.run_switch(step, scope, run, path), None, None
+            return await control.run_switch(step, scope, run, path), None
         if isinstance(step, CallStep):
-            return await control.run_call(step, scope, run, path), None, None
+            return await control.run_call(step, scope, run, path), None
         if isinstance(step, WaitStep):
-            return await basic.run_wait(step, scope, run), None, None
+            return await basic.run_wait(step, scope, run), None
         if isinstance(step, LogStep):
             result, message = await basic.run_log(step, scope, run)
-            return result, None, message
+            return result, message
         if isinstance(step, FailStep):
-            return await basic.run_fail(step, scope, run), None, None
+            return await basic.run_fail(step, scope, run), None
         if isinstance(step, RespondStep):
-            return await basic.run_respond(step, scope, run), None, None
+            return await basic.run_respond(step, scope, run), None
         raise StepFailed(f"unknown step kind {step.kind}")
 
     async def _call_flow(

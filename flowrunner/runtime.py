@@ -124,9 +124,10 @@ class RunContext:
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
         if isinstance(value, str):
-            text = value[: self.excerpt_limit]
+            # Mask before cutting, so that a secret across the cut leaves no prefix behind.
+            text = self.masker.mask(value)[: self.excerpt_limit]
             suffix = f"... ({len(value)} characters)" if len(value) > self.excerpt_limit else ""
-            return self.masker.mask(text) + suffix
+            return text + suffix
         masked = self.masker.mask_value(value)
         import json
 

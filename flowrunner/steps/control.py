@@ -31,27 +31,36 @@ async def run_for_each(step: ForEachStep, scope: Scope, run: RunContext, path: s
         for index, item in enumerate(items):
             await one(index, item)
     else:
-        async with asyncio.TaskGroup() as group:
-            for index, item in enumerate(items):
-                group.create_task(one(index, item))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, item in enumerate(items):
+                    group.create_task(one(index, item))
+        except BaseExceptionGroup as failures:
+            # The first iteration to fail ended the loop: report it, not the group.
+            raise _first(failures) from None
     return step_result(outputs=results)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def run_group(step: GroupStep, scope: Scope, run: RunContext, path: str) -> StepResult:
     try:
-        await run.run_steps(step.group, scope, path)
-    except StepFailed as failure:
-        if not step.catch:
-            raise
-        error = {"message": failure.message, "step": failure.step}
         try:
-            await run.run_steps(step.catch, scope.child(error=error), f"{path}.catch")
-        finally:
-            if step.finally_:
-                await run.run_steps(step.finally_, scope, f"{path}.finally")
-        return step_result(error=failure.message)
-    if step.finally_:
-        await run.run_steps(step.finally_, scope, f"{path}.finally")
+            await run.run_steps(step.group, scope, path)
+        except StepFailed as failure:
+            if not step.catch:
+                raise
+            error = {"message": failure.message, "step": failure.step}
+            # Catch steps share the group's step results, like the group's own steps.
+            catch_scope = Scope({**scope.names, "error": error}, scope.run)
+            await run.run_steps(step.catch, catch_scope, f"{path}.catch")
+            return step_result(error=failure.message)
+    finally:
+        if step.finally_:
+            await run.run_steps(step.finally_, scope, f"{path}.finally")
     return step_result()
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urljoin
 
+import aiohttp
 import httpx
 
 from flowrunner.expressions import to_text
@@ -19,6 +22,10 @@ from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import IDEMPOTENT_METHODS, HttpStep, Retry
 from flowrunner.model.base import status_matches
 from flowrunner.runtime import RunContext, Scope, StepFailed, StepResult, step_result
+from flowrunner.secrets import MaskingFilter
+
+# httpx logs each request's URL at INFO: mask it like everything else a run writes.
+logging.getLogger("httpx").addFilter(MaskingFilter())
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRY = Retry()
@@ -71,6 +78,12 @@ class HttpCall:
             query = {}
         query.update(extra_query or {})
         headers = {str(k): to_text(v) for k, v in render(spec.headers).items()}
+        for name, value in headers.items():
+            if not (name.isascii() and value.isascii()):
+                raise StepFailed(
+                    f"header {name!r} has non-ASCII characters, which HTTP headers cannot "
+                    "carry; encode the value (with the urlencode or b64encode filter)"
+                )
         content: bytes | None = None
         if spec.has_json:
             content = json.dumps(render(spec.json_), default=str).encode()
@@ -81,9 +94,10 @@ class HttpCall:
             headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
         elif spec.body is not None:
             content = to_text(render(spec.body)).encode()
-        request = self.run.client.build_request(
-            spec.method, url, params=query or None, headers=headers, content=content
-        )
+        request = self.run.client.build_request(spec.method, url, headers=headers, content=content)
+        if query:
+            # Added to the URL's own query string (httpx's params= would replace it).
+            request.url = request.url.copy_merge_params(query)
         if profile is not None:
             allowed = profile.default_hosts()
             host = request.url.host
@@ -95,9 +109,14 @@ class HttpCall:
                 )
         return request, spec.auth
 
-    def describe(self, request: httpx.Request) -> dict[str, Any]:
+    def describe(self, request: httpx.Request, sent: httpx.Request | None = None) -> dict[str, Any]:
         mask = self.run.masker.mask
-        body = request.content.decode("utf-8", errors="replace") if request.content else None
+        try:
+            content = request.content
+        except httpx.RequestNotRead:
+            # A redirected request carries the first one's body as a stream (or none).
+            content = sent.content if sent is not None and request.method == sent.method else b""
+        body = content.decode("utf-8", errors="replace") if content else None
         return {
             "auth": self.step.http.auth,
             "method": request.method,
@@ -129,6 +148,7 @@ class HttpCall:
         self.request_record = self.describe(request)
         if self.run.dry_run:
             raise _DryRun()
+        built = _Built(request.headers.copy(), set(request.url.params.keys()))
         attempt = 0
         while True:
             attempt += 1
@@ -138,23 +158,20 @@ class HttpCall:
             body: Any = None
             cause: Exception | None = None
             try:
-                response = await self.run.client.send(
-                    request,
-                    auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
-                    follow_redirects=spec.follow_redirects,
-                    stream=True,
-                )
+                response = await self.send_following(request, auth, auth_name, built)
                 # The auth flow may have set headers: describe what was really sent.
-                self.request_record = self.describe(response.request)
+                self.request_record = self.describe(response.request, request)
                 try:
                     body = await self.read_body(response)
                 finally:
                     await response.aclose()
-            except httpx.TimeoutException as exc:
-                failure, condition, cause = f"timed out after {per_request:g}s", "timeout", exc
             except httpx.TransportError as exc:
-                failure = f"connection failed: {type(exc).__name__}: {exc}"
-                condition, cause = "connection", exc
+                if _is_timeout(exc):
+                    failure, condition = f"timed out after {per_request:g}s", "timeout"
+                else:
+                    kind = "ConnectError" if _misread_timeout(exc) else type(exc).__name__
+                    failure, condition = f"connection failed: {kind}: {exc}", "connection"
+                cause, response = exc, None  # a body cut short counts as no response
             else:
                 if not _should_retry(retry, response.status_code) or attempt >= retry.attempts:
                     return response, body
@@ -172,6 +189,41 @@ class HttpCall:
                     "no time left to retry within the step's timeout"
                 ) from cause
             await asyncio.sleep(delay)
+
+    async def send_following(
+        self, request: httpx.Request, auth: httpx.Auth | None, auth_name: str | None, built: _Built
+    ) -> httpx.Response:
+        """Send, following redirects; a redirect to a host outside the auth profile's
+        allowed_hosts goes there without the credential (httpx itself would only drop an
+        Authorization header, not an API key header or a query parameter)."""
+        client, spec = self.run.client, self.step.http
+        if auth is None or auth_name is None or not spec.follow_redirects:
+            return await client.send(
+                request,
+                auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
+                follow_redirects=spec.follow_redirects,
+                stream=True,
+            )
+        allowed = self.run.auth.profile(auth_name).default_hosts()
+        response = await client.send(request, auth=auth, follow_redirects=False, stream=True)
+        sent = response.request  # with the credential on
+        for _ in range(client.max_redirects):
+            following = response.next_request
+            if following is None:
+                return response
+            await response.aclose()
+            if host_allowed(following.url.host, allowed):
+                response = await client.send(
+                    following, auth=auth, follow_redirects=False, stream=True
+                )
+            else:
+                _drop_credential(following, sent, built)
+                response = await client.send(following, follow_redirects=False, stream=True)
+        await response.aclose()
+        raise StepFailed(
+            f"{spec.method} {self.run.masker.mask(str(request.url))}: "
+            f"more than {client.max_redirects} redirects"
+        )
 
     async def read_body(self, response: httpx.Response) -> Any:
         chunks: list[bytes] = []
@@ -193,6 +245,38 @@ class HttpCall:
             except ValueError:
                 return text
         return text
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A request's headers and query names as the step built them, before any auth."""
+
+    headers: httpx.Headers
+    params: set[str]
+
+
+def _drop_credential(following: httpx.Request, sent: httpx.Request, built: _Built) -> None:
+    """Remove from a redirect what the auth flow added to the request that was sent."""
+    for name in set(sent.headers.keys()):
+        if sent.headers[name] != built.headers.get(name) and name in following.headers:
+            del following.headers[name]
+    for name in set(sent.url.params.keys()) - built.params:
+        following.url = following.url.copy_remove_param(name)
+
+
+def _misread_timeout(exc: httpx.TransportError) -> bool:
+    """httpx-aiohttp maps every aiohttp connection error (a refused connection, a server
+    that hung up) to ConnectTimeout; the aiohttp error underneath says what happened."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, httpx.TimeoutException)
+        and isinstance(cause, aiohttp.ClientError)
+        and not isinstance(cause, TimeoutError)
+    )
+
+
+def _is_timeout(exc: httpx.TransportError) -> bool:
+    return isinstance(exc, httpx.TimeoutException) and not _misread_timeout(exc)
 
 
 class _DryRun(Exception):
@@ -249,9 +333,9 @@ def _backoff(retry: Retry, attempt: int, response: httpx.Response | None) -> flo
 
 
 async def run_http_step(
-    step: HttpStep, scope: Scope, run: RunContext
+    step: HttpStep, scope: Scope, run: RunContext, call: HttpCall | None = None
 ) -> tuple[StepResult, HttpCall]:
-    call = HttpCall(step, scope, run)
+    call = call or HttpCall(step, scope, run)
     try:
         return await _exchange(call), call
     except StepFailed as failure:
@@ -282,25 +366,28 @@ async def _exchange(call: HttpCall) -> StepResult:
     else:
         result_body = pages[-1] if paginate is None else pages
     call.response_record = {
+        **describe_response(run, response, body),
+        "pages": len(pages) if paginate is not None else None,
+    }
+    return step_result(response.status_code, response.headers, result_body, outputs)
+
+
+def describe_response(run: RunContext, response: httpx.Response, body: Any) -> dict[str, Any]:
+    """The response as the history keeps it: masked, bounded, without cookies."""
+    return {
         "status": response.status_code,
         "headers": {
             k: run.masker.mask(v) for k, v in response.headers.items() if k.lower() != "set-cookie"
         },
         "body": run.excerpt(body),
-        "pages": len(pages) if paginate is not None else None,
     }
-    return step_result(response.status_code, response.headers, result_body, outputs)
 
 
 def check_expect(call: HttpCall, response: httpx.Response, body: Any) -> None:
     expect = call.step.http.expect
     if status_matches(response.status_code, expect):
         return
-    call.response_record = {
-        "status": response.status_code,
-        "headers": dict(response.headers),
-        "body": call.run.excerpt(body),
-    }
+    call.response_record = describe_response(call.run, response, body)
     wanted = ", ".join(str(e) for e in expect)
     detail = call.run.excerpt(body)
     detail_text = detail if isinstance(detail, str) else json.dumps(detail, default=str)
