@@ -403,6 +403,9 @@ def profiles_list(project: ProjectOption = None) -> None:
                     f"{escape(item.last_error or '')} ({item.attempts} attempt(s), "
                     f"next {item.next_attempt_at:%Y-%m-%d %H:%M})"
                 )
+    except FlowrunnerError as exc:  # a state database this key cannot decrypt, say
+        err.print(f"[red]{escape(exc.message)}[/]")
+        raise typer.Exit(exc.exit_code) from None
     finally:
         asyncio.run(runtime.aclose())
 

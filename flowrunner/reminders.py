@@ -19,8 +19,8 @@ from flowrunner.events import RunEvent
 from flowrunner.loader import Project
 from flowrunner.model import BearerProfile, HttpStep, OAuth2Profile, Step
 from flowrunner.notify import Notifier
-from flowrunner.profile_status import ProfileState, profile_states
-from flowrunner.secrets import Masker
+from flowrunner.profile_status import ProfileState, profile_states, remind_before
+from flowrunner.secrets import Masker, current_masker
 from flowrunner.store.notifications import NotificationStore
 from flowrunner.store.tokens import ProfileStatus
 
@@ -65,7 +65,10 @@ def deadline_of(state: ProfileState, project: Project) -> Deadline | None:
         return None
     profile = loaded.profile
     thresholds = tuple(
-        sorted({int(t.total_seconds()) for t in profile.remind_before} | {0}, reverse=True)
+        sorted(
+            {int(t.total_seconds()) for t in remind_before(profile, project.settings)} | {0},
+            reverse=True,
+        )
     )
     if isinstance(profile, BearerProfile) and state.fingerprint:
         moments = [
@@ -119,12 +122,13 @@ class Reminders:
         return [d for d in found if d is not None]
 
     def next_reminder_at(self, deadline: Deadline) -> datetime | None:
+        """When the next reminder goes out: now if one is due and not sent yet."""
         now = self.clock()
         sent = self.store.reminders_sent(deadline.profile, deadline.series)
         upcoming = [
-            deadline.moment - timedelta(seconds=t)
+            max(deadline.moment - timedelta(seconds=t), now)
             for t in deadline.thresholds
-            if t not in sent and deadline.moment - timedelta(seconds=t) > now
+            if t not in sent
         ]
         return min(upcoming) if upcoming else None
 
@@ -168,7 +172,7 @@ class Reminders:
         project = self.project()
         loaded = project.profiles.get(deadline.profile)
         owner = loaded.profile.owner if loaded else None
-        when = f"{deadline.moment:%Y-%m-%d %H:%M} UTC"
+        when = f"{deadline.moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
         left = deadline.moment - now
         if left.total_seconds() <= 0:
             summary = f"{deadline.what.replace('expires', 'expired')} on {when}"
@@ -211,21 +215,37 @@ class Reminders:
                     continue
             elif stored is not None and stored.access_token:
                 continue  # nothing lapses that we know of
+            topic = f"keep-alive:{name}"
+            masker = Masker()
+            masking = current_masker.set(masker)  # the auth logs mask this profile's secrets
             try:
                 current = stored.access_token if stored else None
-                await self.auth.credential(name, Masker(), rejected=current)
+                await self.auth.credential(name, masker, rejected=current)
                 refreshed.append(name)
+                self.store.set_alert_value(topic, "ok", now)
             except Exception as exc:
-                log.warning("keep-alive of %s failed: %s", name, exc)
+                # The token endpoint's answer may quote what it was sent.
+                problem = masker.mask(str(exc))
+                log.warning("keep-alive of %s failed: %s", name, problem)
+                previous = self.store.alert_value(topic)
+                if previous is not None and previous[0] == "failed":
+                    continue  # the owner was told when it started failing
+                self.store.set_alert_value(topic, "failed", now)
                 self.notifier.notify(
                     f"profile:{name}:keep-alive",
                     f"[flowrunner] {name}: keep-alive refresh failed",
                     f"flowrunner could not refresh the auth profile {name} ahead of its refresh "
-                    f"token's lapse: {exc}\nIf it lapses, every flow using it stops: "
+                    f"token's lapse: {problem}\nIf it lapses, every flow using it stops: "
                     f"{', '.join(flows_using(self.project(), name)) or 'none'}.",
                     profile.notify,
                     profile.owner,
                 )
+                # This alert says why; the status alert would only repeat it.
+                after = self.auth.store.load(name)
+                if after is not None:
+                    self.store.set_alert_value(f"profile-status:{name}", after.status, now)
+            finally:
+                current_masker.reset(masking)
         return refreshed
 
     # ------------------------------------------------------------ alerts

@@ -44,10 +44,11 @@ class Notifier:
         """Queue one delivery per channel; returns the outbox ids."""
         recipients = [owner] if owner and "@" in owner else []
         now = self.clock()
-        return [
-            self.store.enqueue(name, topic, subject, body, recipients, now)
-            for name in self.channels_for(channels)
-        ]
+        chosen = self.channels_for(channels)
+        if not chosen:
+            # No channel configured (default_notify: []): the log still says it.
+            log.warning("no notification channel for %s: %s\n%s", topic, subject, body)
+        return [self.store.enqueue(name, topic, subject, body, recipients, now) for name in chosen]
 
     async def deliver_due(self) -> tuple[int, int]:
         """Try every delivery that is due; returns (delivered, failed)."""
