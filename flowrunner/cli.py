@@ -23,7 +23,7 @@ from flowrunner.model import BearerProfile, OAuth2Profile, SessionProfile
 from flowrunner.profile_status import profile_states
 from flowrunner.reminders import calendar
 from flowrunner.schema import SchemaKind, json_schema
-from flowrunner.secrets import Masker
+from flowrunner.secrets import Masker, current_masker
 from flowrunner.store.runs import RunRecord, StepRecord
 from flowrunner.store.tokens import fingerprint as token_fingerprint
 
@@ -468,6 +468,7 @@ async def _check_profile(loaded: Project, name: str) -> tuple[bool, str]:
     try:
         profile = loaded.profiles[name].profile
         masker = Masker()
+        current_masker.set(masker)  # log lines quoting a token endpoint's answer get masked
         if isinstance(profile, OAuth2Profile | SessionProfile):
             credential = await runtime.auth.credential(name, masker)
             expiry = credential.access_expires_at
