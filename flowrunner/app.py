@@ -59,7 +59,14 @@ def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.Asyn
 
 
 def database_url(project: Project) -> str:
-    return project.settings.database_url or default_database_url(project.root)
+    url = project.settings.database_url
+    if not url:
+        return default_database_url(project.root)
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith(("/", ":memory:")):
+        # A relative SQLite path belongs to the project, wherever the command runs from.
+        return prefix + str(project.root / url[len(prefix) :])
+    return url
 
 
 @dataclass

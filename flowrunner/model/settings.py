@@ -59,11 +59,14 @@ class Settings(StrictModel):
 
     @model_validator(mode="after")
     def _known_channels(self) -> Settings:
+        if "default_notify" not in self.model_fields_set and "channels" in self.model_fields_set:
+            # Declared channels are where reminders and alerts go unless said otherwise.
+            object.__setattr__(self, "default_notify", list(self.channels))
         unknown = [c for c in self.default_notify if c not in self.channels]
         if unknown:
             raise PydanticCustomError(
                 "channel",
-                "default_notify names unknown channel {name!r}",
+                "default_notify names unknown channel '{name}'",
                 {"name": unknown[0], "hint": "declare it under channels:"},
             )
         return self

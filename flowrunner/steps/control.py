@@ -11,7 +11,8 @@ from flowrunner.runtime import RunContext, Scope, StepFailed, StepResult, step_r
 
 
 async def run_for_each(step: ForEachStep, scope: Scope, run: RunContext, path: str) -> StepResult:
-    items = scope.render(step.for_each) if isinstance(step.for_each, str) else step.for_each
+    # A bare `for_each: steps.x.outputs.ids` is an expression, as `if:` and `switch:` are.
+    items = scope.condition(step.for_each) if isinstance(step.for_each, str) else step.for_each
     if isinstance(items, dict):
         items = [{"key": k, "value": v} for k, v in items.items()]
     if items is None:

@@ -87,11 +87,11 @@ class HttpCall:
         content: bytes | None = None
         if spec.has_json:
             content = json.dumps(render(spec.json_), default=str).encode()
-            headers.setdefault("Content-Type", "application/json")
+            _default_header(headers, "Content-Type", "application/json")
         elif spec.form is not None:
             form = {k: to_text(v) for k, v in render(spec.form).items()}
             content = httpx.QueryParams(form).__str__().encode()
-            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            _default_header(headers, "Content-Type", "application/x-www-form-urlencoded")
         elif spec.body is not None:
             content = to_text(render(spec.body)).encode()
         request = self.run.client.build_request(spec.method, url, headers=headers, content=content)
@@ -277,6 +277,12 @@ def _misread_timeout(exc: httpx.TransportError) -> bool:
 
 def _is_timeout(exc: httpx.TransportError) -> bool:
     return isinstance(exc, httpx.TimeoutException) and not _misread_timeout(exc)
+
+
+def _default_header(headers: dict[str, str], name: str, value: str) -> None:
+    """Set a header unless the flow wrote it, in whatever letter case."""
+    if not any(key.lower() == name.lower() for key in headers):
+        headers[name] = value
 
 
 class _DryRun(Exception):

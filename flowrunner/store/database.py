@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ class Database:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         try:
-            engine = create_engine(url, **kwargs)
+            # Outputs may hold dates and times: stored as ISO text rather than failing.
+            engine = create_engine(url, json_serializer=_json_dumps, **kwargs)
         except Exception as exc:  # a malformed URL or a missing driver
             raise ConfigurationError(f"cannot open the state database: {exc}") from exc
         if engine.dialect.name == "sqlite":
@@ -59,6 +62,20 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
