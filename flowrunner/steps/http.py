@@ -55,8 +55,20 @@ class HttpCall:
         self.scope = scope
         self.run = run
         self.attempts = 0
-        self.request_record: dict[str, Any] | None = None
         self.response_record: dict[str, Any] | None = None
+        # What was sent, described for the history only when someone reads it: most runs
+        # never need it before they end, and a description costs masking every header.
+        self._sent: tuple[httpx.Request, httpx.Request | None] | None = None
+        self._record: dict[str, Any] | None = None
+
+    @property
+    def request_record(self) -> dict[str, Any] | None:
+        if self._record is None and self._sent is not None:
+            self._record = self.describe(*self._sent)
+        return self._record
+
+    def sent(self, request: httpx.Request, first: httpx.Request | None = None) -> None:
+        self._sent, self._record = (request, first), None
 
     # ------------------------------------------------------------ building the request
 
@@ -68,7 +80,7 @@ class HttpCall:
         url = url_override or to_text(render(spec.url))
         profile = self.run.auth.profile(spec.auth) if spec.auth else None
         if profile is not None and profile.base_url and not url.startswith(("http://", "https://")):
-            url = urljoin(profile.base_url.rstrip("/") + "/", url.lstrip("/"))
+            url = profile.base_url.rstrip("/") + "/" + url.lstrip("/")
         if not url.startswith(("http://", "https://")):
             raise StepFailed(
                 f"URL {self.run.masker.mask(url)!r} is not absolute (http:// or https://)"
@@ -130,6 +142,10 @@ class HttpCall:
             "body": self.run.excerpt(body) if body else None,
         }
 
+    def _url(self) -> str:
+        record = self.request_record
+        return str(record["url"]) if record else ""
+
     # ------------------------------------------------------------ sending
 
     async def send(
@@ -145,7 +161,7 @@ class HttpCall:
             self.step.timeout.total_seconds() if self.step.timeout else float("inf")
         )
         request.extensions["timeout"] = httpx.Timeout(per_request).as_dict()
-        self.request_record = self.describe(request)
+        self.sent(request)
         if self.run.dry_run:
             raise _DryRun()
         built = _Built(request.headers.copy(), set(request.url.params.keys()))
@@ -160,7 +176,7 @@ class HttpCall:
             try:
                 response = await self.send_following(request, auth, auth_name, built)
                 # The auth flow may have set headers: describe what was really sent.
-                self.request_record = self.describe(response.request, request)
+                self.sent(response.request, request)
                 try:
                     body = await self.read_body(response)
                 finally:
@@ -177,15 +193,13 @@ class HttpCall:
                     return response, body
                 failure, condition = f"HTTP {response.status_code}", str(response.status_code)
             if response is None and (condition not in retry.on or attempt >= retry.attempts):
-                raise StepFailed(
-                    f"{spec.method} {self.request_record['url']}: {failure}"
-                ) from cause
+                raise StepFailed(f"{spec.method} {self._url()}: {failure}") from cause
             delay = _backoff(retry, attempt, response)
             if time.monotonic() + delay > deadline:
                 if response is not None:
                     return response, body
                 raise StepFailed(
-                    f"{spec.method} {self.request_record['url']}: {failure}; "
+                    f"{spec.method} {self._url()}: {failure}; "
                     "no time left to retry within the step's timeout"
                 ) from cause
             await asyncio.sleep(delay)
