@@ -23,6 +23,7 @@ from flowrunner.store.runs import RunHistory, RunRecord
 
 log = logging.getLogger("flowrunner.dispatcher")
 POLL_SECONDS = 1.0
+INTERRUPTED_MESSAGE = "the runner stopped while this run was in flight"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[RunRecord]]] = {}
         self._stopping = False
+        # Told of runs refused at intake (skipped, failed): they never reach the engine,
+        # whose events feed the metrics.
+        self.on_refused: Callable[[RunRecord], None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -68,8 +72,9 @@ class Dispatcher:
         flow = self.engine().flow(flow_name)
         run_id = str(uuid.uuid4())
         limit = flow.concurrency
-        busy = self._running.get(flow.name, 0) >= limit.limit
-        if busy and limit.when_busy != "queue":
+        # Runs waiting in the queue count too: two webhooks in the same instant must not
+        # both pass a `when_busy: skip` flow before the dispatcher has started either.
+        if limit.when_busy != "queue" and self.queue.active(flow.name) >= limit.limit:
             reason = f"flow {flow.name} is busy ({limit.limit} run(s) in flight)"
             status = RunStatus.SKIPPED if limit.when_busy == "skip" else RunStatus.FAILED
             self._record_refused(run_id, flow.name, trigger, inputs or {}, status, reason)
@@ -97,12 +102,17 @@ class Dispatcher:
         )
         self.history.record_started(record)
         self.history.record_finished(record)
+        if self.on_refused is not None:
+            self.on_refused(record)
 
     async def wait_for(self, run_id: str, seconds: float) -> RunRecord | None:
         """The finished run, or None if it is still going after ``seconds``."""
-        done = self.history.get_run(run_id)
-        if done is not None and done.status not in (RunStatus.RUNNING, RunStatus.QUEUED):
-            return done
+        # A run with an intake row has not finished: the history is read only for the others
+        # (a duplicate of a finished run), as its look-up by id prefix scans the runs table.
+        if self.queue.status(run_id) is None:
+            done = self.history.get_run(run_id)
+            if done is not None and done.status not in (RunStatus.RUNNING, RunStatus.QUEUED):
+                return done
         future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(future)
         try:
@@ -125,9 +135,11 @@ class Dispatcher:
             record = self.history.get_run(run_id)
             if record is None:
                 continue  # claimed but not started: it runs again as queued
-            self.history.set_status(
-                run_id, RunStatus.INTERRUPTED, "the runner stopped while this run was in flight"
-            )
+            if record.status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
+                # It finished, and the process died before it removed the intake row.
+                self.queue.finish(run_id)
+                continue
+            self.history.set_status(run_id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE)
             try:
                 flow = self.engine().flow(record.flow)
             except FlowrunnerError:
@@ -210,7 +222,9 @@ class Dispatcher:
                 error=exc.message,
             )
         except asyncio.CancelledError:
-            # Shutting down: leave the queue row claimed; the next start marks it interrupted.
+            # Shutting down: the history says so now; the queue row stays claimed, and the
+            # next start restarts the run if its flow says `on_interrupt: restart`.
+            self.history.set_status(queued.id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE)
             self._done(queued.flow, queued.id)
             raise
         self.queue.finish(queued.id)

@@ -130,7 +130,9 @@ class Server:
         if caught_up:
             log.info("checked %d schedule(s) for fires missed while stopped", caught_up)
         self._tasks.append(asyncio.create_task(self.dispatcher.run_forever(), name="dispatcher"))
-        self._tasks.append(asyncio.create_task(self._watch(), name="reloader"))
+        # Taken now, not when the task first runs: an edit made in between would be missed.
+        seen = snapshot(self.project.root)
+        self._tasks.append(asyncio.create_task(self._watch(seen), name="reloader"))
         log.info("serving %d flow(s), %d webhook(s)", len(self.project.flows), len(self.hooks))
 
     async def stop(self) -> None:
@@ -143,8 +145,7 @@ class Server:
                 await task
         await self.runtime.aclose()
 
-    async def _watch(self) -> None:
-        seen = snapshot(self.project.root)
+    async def _watch(self, seen: dict[str, float]) -> None:
         while True:
             await asyncio.sleep(self.reload_seconds)
             try:
@@ -276,6 +277,7 @@ def build_server(
     )
     metrics = Metrics()
     metrics.subscribe(runtime.engine.bus)
+    dispatcher.on_refused = lambda record: metrics.on_event(RunEvent("run_finished", record))
     metrics.gauges["flowrunner_queue_depth"] = lambda: float(queue.depth())
     metrics.gauges["flowrunner_runs_in_flight"] = lambda: float(dispatcher.in_flight)
     metrics.gauges["flowrunner_token_refreshes"] = lambda: float(runtime.auth.tokens.refresh_count)

@@ -41,12 +41,16 @@ class RefreshingAuth(_AsyncOnly):
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         credential = await self.get(None)
-        request.headers.update(self.headers(credential))
+        # Set one by one: Headers.update() rebuilds a Headers and scans it, several times
+        # the cost of the assignment on a path every request takes.
+        for name, value in self.headers(credential).items():
+            request.headers[name] = value
         response = yield request
         if response.status_code == 401:
             fresh = await self.get(credential.access_token)
             if fresh.access_token != credential.access_token:
-                request.headers.update(self.headers(fresh))
+                for name, value in self.headers(fresh).items():
+                    request.headers[name] = value
                 response = yield request
         await self.observe(response)
 

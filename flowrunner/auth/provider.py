@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -13,11 +14,13 @@ from typing import Any
 import httpx
 
 from flowrunner.auth import jwt
+from flowrunner.auth.errors import AuthError
 from flowrunner.auth.flows import BearerAuth, ConnectedUserAuth, RefreshingAuth
 from flowrunner.auth.oauth2 import SEED_KEY, OAuth2Grants
 from flowrunner.auth.session import SessionGrants
 from flowrunner.auth.static import HeaderAuth, QueryAuth
 from flowrunner.auth.tokens import TokenManager
+from flowrunner.errors import ConfigurationError
 from flowrunner.expressions import render, to_text
 from flowrunner.loader import Project
 from flowrunner.model import (
@@ -36,6 +39,9 @@ from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, finge
 log = logging.getLogger("flowrunner.auth")
 TOUCH_EVERY_SECONDS = 60.0
 BEARER_REREAD_SECONDS = 5.0
+DEFAULT_HEADERS = {"Authorization": "Bearer ${{ token.access_token }}"}
+REFRESHABLE = (OAuth2Profile, SessionProfile)
+NEVER = datetime.max.replace(tzinfo=UTC)  # the expiry of a token that has none
 REVOKED_KEY = "revoked"  # bearer: fingerprints of the tokens refused with 401
 
 
@@ -72,12 +78,11 @@ class ProfileAuth:
     async def auth_for(self, name: str, run: RunContext) -> httpx.Auth:
         profile = self.profile(name)
         masker = run.masker
-        names = self._names(masker)
 
         async def observe(response: httpx.Response) -> None:
             self._observe(name, response)
 
-        if isinstance(profile, OAuth2Profile | SessionProfile):
+        if isinstance(profile, REFRESHABLE):
             return self._refreshing(profile, masker, observe)
         if isinstance(profile, BearerProfile):
             token, expires_at = self.bearer_token(profile, masker)
@@ -96,6 +101,7 @@ class ProfileAuth:
             return ConnectedUserAuth(
                 profile.name, profile.header, value, jwt.user_of(token), observe
             )
+        names = self._names(masker)
         if isinstance(profile, ApiKeyProfile):
             headers = {k: to_text(v) for k, v in render(profile.headers, names).items()}
             params = {k: to_text(v) for k, v in render(profile.query, names).items()}
@@ -128,16 +134,20 @@ class ProfileAuth:
     ) -> Credential:
         """A valid token for an oauth2 or session profile, obtained or refreshed if needed."""
         profile = self.profile(name)
-        if not isinstance(profile, OAuth2Profile | SessionProfile):
+        if not isinstance(profile, REFRESHABLE):
             raise StepFailed(f"auth profile '{name}' is not refreshable")
         grants = self._grants(profile, masker)
-        credential = await self.tokens.credential(
-            profile.name, grants.grants, grants.parse, profile.refresh_margin, rejected=rejected
-        )
+        try:
+            credential = await self.tokens.credential(
+                profile.name, grants.grants, grants.parse, profile.refresh_margin, rejected=rejected
+            )
+        except ConfigurationError as exc:  # the stored tokens cannot be decrypted
+            raise AuthError(profile.name, exc.message) from None
         secrets = [credential.access_token, credential.refresh_token]
         secrets += [v for v in credential.extra.values() if isinstance(v, str)]
         for value in secrets:
-            masker.add(value)
+            if value and value not in masker:
+                masker.add(value)
         return credential
 
     def _refreshing(
@@ -152,7 +162,9 @@ class ProfileAuth:
                 "refresh_token": credential.refresh_token,
                 **{k: v for k, v in credential.extra.items() if k != SEED_KEY},
             }
-            templates = profile.headers or {"Authorization": "Bearer ${{ token.access_token }}"}
+            templates = profile.headers or DEFAULT_HEADERS
+            if templates == DEFAULT_HEADERS:  # the usual case, without rendering a template
+                return {"Authorization": f"Bearer {credential.access_token}"}
             names = self._names(masker) | {"token": token}
             return {k: to_text(render(v, names)) for k, v in templates.items()}
 
@@ -177,12 +189,14 @@ class ProfileAuth:
         if stored is not None and stored.status == ProfileStatus.REJECTED and stored.fingerprint:
             revoked.add(stored.fingerprint)
         if stored is not None and stored.access_token and stored.status != ProfileStatus.REJECTED:
-            candidates.append(stored.access_token)
+            # First, so that it wins a tie: two tokens of unknown (or equal) expiry mean the
+            # one set with set-token replaced the configured one.
+            candidates.insert(0, stored.access_token)
         if masker is not None:
             for value in candidates:
                 masker.add(value)
         # A token once refused with 401 is never sent again, whichever expires later.
-        usable = [t for t in candidates if fingerprint(t) not in revoked]
+        usable = [t for t in candidates if fingerprint(t) not in revoked] if revoked else candidates
         if not usable:
             if revoked:
                 raise StepFailed(
@@ -194,10 +208,11 @@ class ProfileAuth:
                 f"auth profile '{profile.name}' has no token: set its secret, or "
                 f"run 'flowrunner profiles set-token {profile.name}'"
             )
-        token = max(
-            usable, key=lambda t: bearer_expiry(profile, t) or datetime.max.replace(tzinfo=UTC)
+        expiries = [(bearer_expiry(profile, t), t) for t in usable]
+        expiry, token = (
+            max(expiries, key=lambda pair: pair[0] or NEVER) if usable[1:] else expiries[0]
         )
-        return token, bearer_expiry(profile, token)
+        return token, expiry
 
     def _stored_bearer(self, name: str) -> Credential | None:
         """The token stored with set-token, re-read at most every few seconds: a request
@@ -207,7 +222,10 @@ class ProfileAuth:
         cached = self._bearer_cache.get(name)
         if cached is not None and now - cached[0] < BEARER_REREAD_SECONDS:
             return cached[1]
-        stored = self.store.load(name)
+        try:
+            stored = self.store.load(name)
+        except ConfigurationError as exc:  # the stored token cannot be decrypted
+            raise AuthError(name, exc.message) from None
         self._bearer_cache[name] = (now, stored)
         return stored
 
@@ -296,7 +314,7 @@ class ProfileAuth:
 
 def bearer_expiry(profile: BearerProfile, token: str) -> datetime | None:
     """From the JWT's ``exp`` (read without verifying), else the profile's ``expires_at``."""
-    expiry = jwt.claim_time(jwt.claims(token), "exp")
+    expiry = _jwt_expiry(token)
     if expiry is None and profile.expires_at is not None:
         expiry = (
             profile.expires_at
@@ -304,3 +322,9 @@ def bearer_expiry(profile: BearerProfile, token: str) -> datetime | None:
             else profile.expires_at.replace(tzinfo=UTC)
         )
     return expiry
+
+
+@functools.lru_cache(maxsize=64)
+def _jwt_expiry(token: str) -> datetime | None:
+    """Decoded once per token, not once per request."""
+    return jwt.claim_time(jwt.claims(token), "exp")

@@ -17,6 +17,8 @@ The rules, each because an integration died of breaking it somewhere else:
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import os
 import socket
@@ -29,9 +31,11 @@ from typing import Any
 import httpx
 
 from flowrunner.auth.errors import AuthError, NeedsLogin, TokenEndpointBusy
+from flowrunner.secrets import MIN_SECRET_LENGTH, MaskingFilter
 from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, fingerprint
 
 log = logging.getLogger("flowrunner.auth")
+log.addFilter(MaskingFilter())  # the running flow's secrets, should a message quote one
 
 LEASE_LENGTH = timedelta(seconds=60)
 LEASE_POLL_SECONDS = 0.05
@@ -88,7 +92,13 @@ class TokenManager:
         if credential.status in (ProfileStatus.NEEDS_LOGIN, ProfileStatus.REJECTED):
             return False
         expires = credential.access_expires_at
-        return expires is None or expires - margin > self.clock()
+        if expires is None:
+            return True
+        if credential.issued_at is not None:
+            # A margin as long as the token's life would refresh it on every request: at
+            # most half of that life is spent waiting for the refresh.
+            margin = max(timedelta(0), min(margin, (expires - credential.issued_at) / 2))
+        return expires - margin > self.clock()
 
     async def credential(
         self,
@@ -361,6 +371,9 @@ async def post_token_request(
             continue
         if response.status_code >= 400:
             description = str(data.get("error_description", "")) or response.text[:200]
+            # Endpoints quote what they refused ("refresh token abc... already used").
+            description = _scrub(description, request)
+            error = _scrub(error, request)
             if error in ("invalid_grant", "invalid_token") or response.status_code in (400, 401):
                 raise InvalidGrant(f"{response.status_code} {error or ''} {description}".strip())
             raise AuthError(
@@ -370,6 +383,40 @@ async def post_token_request(
             )
         return data
     raise TokenEndpointBusy(profile, problem)
+
+
+# Fields of a token request that are not secret; every other value sent is.
+_NOT_SECRET = frozenset(
+    {"grant_type", "scope", "client_id", "username", "redirect_uri", "audience", "resource"}
+)
+
+
+def _scrub(text: str, request: httpx.Request) -> str:
+    """``text`` without any secret value the request carried (body fields, query
+    parameters, Basic credentials)."""
+    values: list[str] = []
+    fields: dict[str, Any] = {}
+    content_type = request.headers.get("content-type", "")
+    try:
+        if "json" in content_type:
+            parsed = json.loads(request.content or b"{}")
+            fields = parsed if isinstance(parsed, dict) else {}
+        elif "form" in content_type:
+            fields = dict(httpx.QueryParams(request.content.decode()))
+    except (ValueError, UnicodeDecodeError):
+        fields = {}
+    fields |= dict(request.url.params)
+    values += [v for k, v in fields.items() if k not in _NOT_SECRET and isinstance(v, str)]
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            values.append(base64.b64decode(credentials).decode().partition(":")[2])
+        except (ValueError, UnicodeDecodeError):
+            pass
+    for value in sorted(values, key=len, reverse=True):
+        if len(value) >= MIN_SECRET_LENGTH:
+            text = text.replace(value, "***")
+    return text
 
 
 def token_fingerprint(token: str | None) -> str | None:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -37,12 +38,7 @@ class TokenCipher:
         if passphrase:
             return cls.from_passphrase(passphrase)
         key_file = state_dir / "secret.key"
-        if not key_file.exists():
-            state_dir.mkdir(parents=True, exist_ok=True)
-            key = Fernet.generate_key()
-            descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(key)
+        if not key_file.exists() and _create_key_file(key_file):
             log.warning(
                 "%s is not set: tokens are encrypted with a key kept in %s; back it up, or set "
                 "%s on every node that shares this state",
@@ -68,3 +64,23 @@ class TokenCipher:
                 f"{KEY_ENV} (or .flowrunner/secret.key) they were stored with, or delete "
                 "the stored tokens and log in again"
             ) from None
+
+
+def _create_key_file(key_file: Path) -> bool:
+    """Write a new key aside (mode 0600), then link it into place: processes starting at
+    once on a fresh project agree on one key, and none reads a half-written file. False
+    when another process created it first."""
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = key_file.with_name(f".{key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(Fernet.generate_key())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, key_file)
+    except FileExistsError:
+        return False
+    finally:
+        temporary.unlink(missing_ok=True)
+    return True

@@ -43,6 +43,12 @@ class Duplicate(Exception):
         self.run_id = run_id
 
 
+# Request headers that carry credentials: encrypted in the intake row like the user token
+# (the run needs them, e.g. a connected_user profile reads trigger.headers.authorization).
+SEALED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+_SEALED = "$sealed"
+
+
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -87,7 +93,7 @@ class RunQueue:
                 insert(run_queue).values(
                     id=run.id,
                     flow=run.flow,
-                    trigger=run.trigger,
+                    trigger=self._seal(run.trigger),
                     inputs=run.inputs,
                     user_token=self.cipher.encrypt(run.user_token),
                     status="queued",
@@ -95,6 +101,30 @@ class RunQueue:
                 )
             )
         return run.id
+
+    def _seal(self, trigger: dict[str, Any]) -> dict[str, Any]:
+        headers = trigger.get("headers")
+        if not isinstance(headers, dict):
+            return trigger
+        sealed = {
+            name: {_SEALED: self.cipher.encrypt(value)}
+            if str(name).lower() in SEALED_HEADERS and isinstance(value, str)
+            else value
+            for name, value in headers.items()
+        }
+        return {**trigger, "headers": sealed}
+
+    def _unseal(self, trigger: dict[str, Any]) -> dict[str, Any]:
+        headers = trigger.get("headers")
+        if not isinstance(headers, dict):
+            return trigger
+        opened = {
+            name: self.cipher.decrypt(value[_SEALED])
+            if isinstance(value, dict) and _SEALED in value
+            else value
+            for name, value in headers.items()
+        }
+        return {**trigger, "headers": opened}
 
     def _dedupe_owner(self, dedupe: Dedupe) -> str:
         with self.engine.connect() as conn:
@@ -128,7 +158,7 @@ class RunQueue:
             QueuedRun(
                 id=row.id,
                 flow=row.flow,
-                trigger=row.trigger,
+                trigger=self._unseal(row.trigger),
                 inputs=row.inputs,
                 user_token=self.cipher.decrypt(row.user_token),
                 created_at=_utc(row.created_at),
@@ -147,6 +177,14 @@ class RunQueue:
                 select(run_queue.c.status).where(run_queue.c.id == run_id)
             ).scalar()
         return str(value) if value is not None else None
+
+    def active(self, flow: str) -> int:
+        """Runs of ``flow`` queued or running, on any node."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.count()).select_from(run_queue).where(run_queue.c.flow == flow)
+            ).scalar()
+        return int(value or 0)
 
     def depth(self) -> int:
         with self.engine.connect() as conn:

@@ -1,0 +1,695 @@
+"""Webhook intake at /hooks/<path>: refusals, signatures, answers, bodies and dedupe.
+
+The server runs in-process (``serving.ServerPool``: ``Server.start()``, requests through
+``httpx.ASGITransport``), with a real upstream server (``conftest.upstream``) for the
+flows' http steps. One test drives a real uvicorn server
+in a thread, for what only real HTTP has (chunked request bodies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from serving import BASE, Served, ServeFactory, ServerPool
+from upstream_server import Upstream
+
+from flowrunner.server import build_server
+
+ProjectWriter = Callable[..., Path]
+HOOK_SECRET = "whsec-0123456789abcdef"
+HOOK_TOKEN = "hook-token-5f2c9d"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServeFactory]:
+    """Start servers on project directories; all are stopped at teardown."""
+    async with ServerPool() as pool:
+
+        async def start(root: Path, **kwargs: Any) -> Served:
+            served = await pool.start(root, **kwargs)
+            assert served.server.problems == [], [p.format() for p in served.server.problems]
+            return served
+
+        yield start
+
+
+@pytest.fixture(autouse=True)
+def hook_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_SECRET", HOOK_SECRET)
+    monkeypatch.setenv("HOOK_TOKEN", HOOK_TOKEN)
+    monkeypatch.setenv("HOOK_USER", "zapier")
+    monkeypatch.setenv("HOOK_PASSWORD", "pa55-w0rd-long")
+
+
+def assert_nothing_stored(served: Served) -> None:
+    """No run, no intake row, no dedupe key."""
+    assert served.runs() == []
+    assert served.table("runs") == []
+    assert served.table("run_queue") == []
+    assert served.table("dedupe_keys") == []
+    assert served.server.dispatcher.queue.depth() == 0
+
+
+def sign(body: bytes, secret: str = HOOK_SECRET, *, encoding: str = "hex") -> str:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
+
+
+# ---------------------------------------------------------------- refusals
+
+GUARDED_FLOWS = {
+    "signed": """
+        name: signed
+        triggers:
+          - webhook:
+              path: signed
+              auth: {hmac: {secret: "${{ secrets.HOOK_SECRET }}", header: X-Signature}}
+        steps:
+          - id: note
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "github": """
+        name: github
+        triggers:
+          - webhook:
+              path: github
+              auth:
+                hmac:
+                  secret: "${{ secrets.HOOK_SECRET }}"
+                  header: X-Hub-Signature-256
+                  prefix: "sha256="
+                  encoding: base64
+        steps:
+          - id: note
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "stamped": """
+        name: stamped
+        triggers:
+          - webhook:
+              path: stamped
+              auth:
+                hmac:
+                  secret: "${{ secrets.HOOK_SECRET }}"
+                  timestamp_header: X-Timestamp
+                  tolerance: 5m
+        steps:
+          - id: note
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "bearer": """
+        name: bearer
+        triggers:
+          - webhook: {path: bearer, auth: {bearer: {token: "${{ secrets.HOOK_TOKEN }}"}}}
+        steps:
+          - id: note
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "basic": """
+        name: basic
+        triggers:
+          - webhook:
+              path: basic
+              auth:
+                basic:
+                  username: "${{ secrets.HOOK_USER }}"
+                  password: "${{ secrets.HOOK_PASSWORD }}"
+        steps:
+          - id: note
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "as-user": """
+        name: as-user
+        triggers:
+          - webhook: {path: as-user, auth: {connected_user: true}}
+        steps:
+          - id: note
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "small": """
+        name: small
+        triggers:
+          - webhook: {path: small, auth: none, methods: [POST, PUT], max_body: 64}
+        steps:
+          - id: note
+            set: {body: "${{ trigger.body }}"}
+    """,
+}
+
+Request = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+JSON_BODY = b'{"n": 1}'
+JSON_TYPE = {"content-type": "application/json"}
+
+
+def _post(path: str, body: bytes = JSON_BODY, **headers: str) -> Request:
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.post(f"/hooks/{path}", content=body, headers={**JSON_TYPE, **headers})
+
+    return send
+
+
+def _chunked(path: str, size: int) -> Request:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(size // 16):
+            yield b"x" * 16
+
+    def send(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.post(f"/hooks/{path}", content=chunks(), headers=JSON_TYPE)
+
+    return send
+
+
+STALE = str(int(time.time()) - 3600)
+REFUSALS: dict[str, tuple[Request, int, str]] = {
+    "wrong hmac signature": (
+        _post("signed", **{"X-Signature": sign(JSON_BODY, "another-secret")}),
+        401,
+        "does not match",
+    ),
+    "hmac of another body": (
+        _post("signed", b'{"n": 2}', **{"X-Signature": sign(JSON_BODY)}),
+        401,
+        "does not match",
+    ),
+    "missing signature": (_post("signed"), 401, "X-Signature signature header is missing"),
+    "missing prefix": (
+        _post("github", **{"X-Hub-Signature-256": sign(JSON_BODY, encoding="base64")}),
+        401,
+        "must start with 'sha256='",
+    ),
+    "hex where base64 is expected": (
+        _post("github", **{"X-Hub-Signature-256": "sha256=" + sign(JSON_BODY)}),
+        401,
+        "does not match",
+    ),
+    "stale timestamp": (
+        _post(
+            "stamped",
+            **{"X-Timestamp": STALE, "X-Signature": sign(STALE.encode() + b"." + JSON_BODY)},
+        ),
+        401,
+        "outside the tolerance window",
+    ),
+    "missing timestamp": (
+        _post("stamped", **{"X-Signature": sign(JSON_BODY)}),
+        401,
+        "X-Timestamp timestamp is missing",
+    ),
+    "wrong bearer token": (
+        _post("bearer", Authorization="Bearer not-the-token"),
+        401,
+        "bearer token",
+    ),
+    "no bearer token": (_post("bearer"), 401, "bearer token"),
+    "wrong basic password": (
+        _post("basic", Authorization="Basic " + base64.b64encode(b"zapier:wrong").decode()),
+        401,
+        "basic credentials",
+    ),
+    "connected user without Authorization": (
+        _post("as-user"),
+        401,
+        "send the user's token in the Authorization header",
+    ),
+    "body over max_body (Content-Length)": (
+        _post("small", b'{"pad": "' + b"x" * 80 + b'"}'),
+        413,
+        "larger than 64 bytes",
+    ),
+    "body over max_body (chunked)": (_chunked("small", 160), 413, "larger than 64 bytes"),
+    "invalid JSON": (_post("small", b'{"n": '), 400, "not valid JSON"),
+    "unknown path": (_post("nowhere"), 404, "no webhook at /hooks/nowhere"),
+    "wrong method": (
+        lambda client: client.get("/hooks/small"),
+        405,
+        "accepts POST, PUT",
+    ),
+}
+
+
+async def test_each_refusal_is_a_4xx_with_a_reason_and_creates_no_run(
+    make_project: Callable[..., Path], serve: ServeFactory
+) -> None:
+    """Every refused webhook gets its 4xx with a reason and leaves nothing in the state store."""
+    served = await serve(make_project(GUARDED_FLOWS))
+    for case, (send, status, reason) in REFUSALS.items():
+        response = await send(served.client)
+        assert response.status_code == status, (case, response.text)
+        assert reason in response.json()["error"], case
+        await asyncio.sleep(0.02)  # a dispatcher pass, had anything been queued
+        assert_nothing_stored(served)
+
+
+def _signed_requests() -> dict[str, Request]:
+    stamp = str(int(time.time()))
+    return {
+        "hex": _post("signed", **{"X-Signature": sign(JSON_BODY)}),
+        "hex, upper case": _post("signed", **{"X-Signature": sign(JSON_BODY).upper()}),
+        "base64 with a prefix": _post(
+            "github", **{"X-Hub-Signature-256": "sha256=" + sign(JSON_BODY, encoding="base64")}
+        ),
+        "timestamped": _post(
+            "stamped",
+            **{"X-Timestamp": stamp, "X-Signature": sign(stamp.encode() + b"." + JSON_BODY)},
+        ),
+        "bearer": _post("bearer", Authorization=f"Bearer {HOOK_TOKEN}"),
+        "basic": _post(
+            "basic",
+            Authorization="Basic " + base64.b64encode(b"zapier:pa55-w0rd-long").decode(),
+        ),
+        "connected user": _post("as-user", Authorization="Bearer user-token-of-ada"),
+    }
+
+
+async def test_a_correct_credential_is_accepted_and_runs(
+    make_project: Callable[..., Path], serve: ServeFactory
+) -> None:
+    """A correct HMAC (hex in either case, base64 with a prefix, timestamped), bearer, basic
+    or user token is accepted with 202, and its run succeeds with the body it sent."""
+    served = await serve(make_project(GUARDED_FLOWS))
+    requests = _signed_requests()
+    for case, send in requests.items():
+        response = await send(served.client)
+        assert response.status_code == 202, (case, response.text)
+        record = await served.finished(response.json()["run_id"])
+        assert record.status == "succeeded", (case, record.error)
+        assert record.trigger["body"] == {"n": 1}, case
+    assert len(served.runs()) == len(requests)
+
+
+async def test_credentials_from_the_request_are_kept_out_of_the_state_store(
+    make_project: Callable[..., Path], serve: ServeFactory
+) -> None:
+    """The Authorization header of an accepted webhook is encrypted in the intake row while it
+    waits, reaches the run, and is masked in the stored run."""
+    served = await serve(make_project(GUARDED_FLOWS), paused=True)
+    response = await _post("as-user", Authorization="Bearer user-token-of-ada")(served.client)
+    token_marker = "user-token-of-ada"
+    assert len(served.table("run_queue")) == 1
+    assert token_marker not in repr(served.table("run_queue"))
+    queued = served.server.dispatcher.queue.queued()
+    assert queued[0].trigger["headers"]["authorization"] == f"Bearer {token_marker}"
+    served.resume()
+    record = await served.finished(response.json()["run_id"])
+    assert record.status == "succeeded", record.error
+    assert record.trigger["headers"]["authorization"] == "***"
+    assert token_marker not in repr(served.table("runs"))
+
+
+# ---------------------------------------------------------------- real HTTP
+
+
+@pytest.fixture
+def real_http(make_project: Callable[..., Path]) -> Iterator[str]:
+    """The guarded project behind a real uvicorn server in a thread; yields its base URL."""
+    server = build_server(make_project(GUARDED_FLOWS))
+    config = uvicorn.Config(
+        server.asgi(), host="127.0.0.1", port=0, log_config=None, access_log=False, http="h11"
+    )
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, name="flowrunner-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not web.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    port = web.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_body_limits_hold_over_real_http(real_http: str) -> None:
+    """Over real HTTP, a body over max_body is refused with 413 whether it declares its
+    length or arrives chunked, and the connection stays usable for the next request."""
+    oversized = b'{"pad": "' + b"x" * 200 + b'"}'
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(oversized), 32):
+            yield oversized[start : start + 32]
+
+    with httpx.Client(base_url=real_http, timeout=10) as client:
+        declared = client.post("/hooks/small", content=oversized, headers=JSON_TYPE)
+        chunked = client.post("/hooks/small", content=chunks(), headers=JSON_TYPE)
+        fits = client.post("/hooks/small", json={"n": 1})
+        health = client.get("/healthz")
+    assert declared.status_code == 413
+    assert "content-length" in {k.lower() for k in declared.request.headers}
+    assert chunked.status_code == 413
+    assert chunked.request.headers.get("transfer-encoding") == "chunked"
+    assert fits.status_code == 202
+    assert health.json()["status"] == "ok"
+
+
+# ---------------------------------------------------------------- answers
+
+ANSWER_FLOWS = {
+    "later": """
+        name: later
+        triggers:
+          - webhook: {path: later, auth: none, respond: immediate}
+        steps:
+          - id: slow
+            http: {url: "@BASE@/slow?delay=0.3&key=@KEY@"}
+    """,
+    "order": """
+        name: order
+        triggers:
+          - webhook: {path: order, auth: none, respond: wait}
+        steps:
+          - id: create
+            http:
+              method: POST
+              url: "@BASE@/create?key=@KEY@"
+              json: {sku: "${{ trigger.body.sku }}"}
+            outputs:
+              id: $.id
+          - id: reply
+            respond:
+              status: 201
+              headers: {X-Order: "${{ steps.create.outputs.id }}", Location: "/orders/42"}
+              json: {order: "${{ steps.create.outputs.id }}", sku: "${{ trigger.body.sku }}"}
+    """,
+    "text-reply": """
+        name: text-reply
+        triggers:
+          - webhook: {path: text-reply, auth: none, respond: wait}
+        steps:
+          - id: reply
+            respond: {status: 200, body: "hello ${{ trigger.query.who }}"}
+    """,
+    "summary": """
+        name: summary
+        triggers:
+          - webhook: {path: summary, auth: none, respond: wait}
+        outputs:
+          doubled: "${{ trigger.body.n * 2 }}"
+        steps:
+          - id: noop
+            set: {n: "${{ trigger.body.n }}"}
+    """,
+    "broken": """
+        name: broken
+        triggers:
+          - webhook: {path: broken, auth: none, respond: wait}
+        steps:
+          - id: stop
+            fail: "no stock for ${{ trigger.body.sku }}"
+    """,
+    "patient": """
+        name: patient
+        triggers:
+          - webhook: {path: patient, auth: none, respond: wait, timeout: 300ms}
+        steps:
+          - id: slow
+            http: {url: "@BASE@/slow?delay=1.5&key=@KEY@"}
+          - id: reply
+            respond: {status: 200, json: {done: true}}
+    """,
+    "mirror": """
+        name: mirror
+        triggers:
+          - webhook: {path: mirror/in, auth: none, respond: wait, methods: [POST, PUT]}
+        outputs:
+          body: "${{ trigger.body }}"
+          query: "${{ trigger.query }}"
+          source: "${{ trigger.headers['x-source'] }}"
+          method: "${{ trigger.method }}"
+          path: "${{ trigger.path }}"
+        steps:
+          - id: noop
+            set: {ok: true}
+    """,
+}
+
+
+@pytest.fixture
+def answers_project(write_project: ProjectWriter, upstream: Upstream) -> tuple[Path, str]:
+    key = upstream.key()
+    return write_project(ANSWER_FLOWS, KEY=key), key
+
+
+async def test_immediate_answers_202_and_the_status_url_follows_the_run(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """respond: immediate answers 202 with the run id and a status URL, which reads queued,
+    then running, then succeeded."""
+    served = await serve(answers_project[0], paused=True)
+    response = await served.client.post("/hooks/later", json={"n": 1})
+    assert response.status_code == 202
+    answer = response.json()
+    assert answer["status"] == "queued"
+    assert answer["status_url"] == f"{BASE}/runs/{answer['run_id']}"
+    status_path = answer["status_url"].removeprefix(BASE)
+    assert (await served.client.get(status_path)).json() == {
+        "run_id": answer["run_id"],
+        "status": "queued",
+    }
+    served.resume()
+    seen = ["queued"]
+    deadline = time.monotonic() + 10
+    while seen[-1] != "succeeded" and time.monotonic() < deadline:
+        status = (await served.client.get(status_path)).json()["status"]
+        if status != seen[-1]:
+            seen.append(status)
+        await asyncio.sleep(0.02)
+    assert seen == ["queued", "running", "succeeded"]
+    final = (await served.client.get(status_path)).json()
+    assert final["flow"] == "later" and final["finished_at"] is not None
+    assert (await served.client.get("/runs/not-a-run")).status_code == 404
+
+
+async def test_wait_answers_with_the_respond_step(
+    answers_project: tuple[Path, str], serve: ServeFactory, upstream: Upstream
+) -> None:
+    """respond: wait answers with the respond step's status, headers and JSON body."""
+    root, key = answers_project
+    served = await serve(root)
+    response = await served.client.post("/hooks/order", json={"sku": "A-1"})
+    assert response.status_code == 201
+    assert response.headers["x-order"] == "42"
+    assert response.headers["location"] == "/orders/42"
+    assert response.json() == {"order": 42, "sku": "A-1"}
+    assert upstream.state.count(key) == 1
+    text = await served.client.post("/hooks/text-reply?who=ada", content=b"")
+    assert (text.status_code, text.text) == (200, "hello ada")
+
+
+async def test_wait_without_a_respond_step_answers_a_summary(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """Without a respond step, wait answers 200 with the outputs of a succeeded run and 500
+    with the error of a failed one."""
+    served = await serve(answers_project[0])
+    ok = await served.client.post("/hooks/summary", json={"n": 21})
+    assert ok.status_code == 200
+    assert ok.json()["status"] == "succeeded"
+    assert ok.json()["outputs"] == {"doubled": 42}
+    assert served.run(ok.json()["run_id"]).outputs == {"doubled": 42}
+    failed = await served.client.post("/hooks/broken", json={"sku": "B-7"})
+    assert failed.status_code == 500
+    assert failed.json()["status"] == "failed"
+    assert failed.json()["error"] == "no stock for B-7"
+
+
+async def test_wait_past_the_timeout_answers_202_with_the_status_url(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """A run that outlasts the webhook's timeout gets 202 and a status URL; the run goes on
+    and succeeds."""
+    served = await serve(answers_project[0])
+    started = time.monotonic()
+    response = await served.client.post("/hooks/patient", json={})
+    assert 0.25 < time.monotonic() - started < 1.4  # the timeout, not the run (1.5 s)
+    assert response.status_code == 202
+    answer = response.json()
+    assert answer["status"] == "running"
+    assert answer["status_url"].endswith(f"/runs/{answer['run_id']}")
+    record = await served.finished(answer["run_id"])
+    assert record.status == "succeeded"
+    assert record.response == {"status": 200, "headers": {}, "json": {"done": True}}
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "body"),
+    [
+        (b'{"items": [1, 2], "who": "Zo\xc3\xa9"}', JSON_TYPE, {"items": [1, 2], "who": "Zoé"}),
+        (
+            b"name=Ada+Lovelace&tags=&city=Paris",
+            {"content-type": "application/x-www-form-urlencoded"},
+            {"name": "Ada Lovelace", "tags": "", "city": "Paris"},
+        ),
+        (b"raw <xml/> words", {"content-type": "text/plain"}, "raw <xml/> words"),
+        (b"no content type", {}, "no content type"),
+        (b"", JSON_TYPE, None),
+    ],
+    ids=["json", "form", "text", "untyped", "empty"],
+)
+async def test_bodies_headers_and_query_reach_the_trigger(
+    content: bytes,
+    headers: dict[str, str],
+    body: Any,
+    answers_project: tuple[Path, str],
+    serve: ServeFactory,
+) -> None:
+    """JSON, form and raw bodies reach trigger.body parsed by their content type; headers,
+    query, method and path reach the trigger too."""
+    served = await serve(answers_project[0])
+    response = await served.client.put(
+        "/hooks/mirror/in?page=2&q=a%20b",
+        content=content,
+        headers={**headers, "X-Source": "crm"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"] == {
+        "body": body,
+        "query": {"page": "2", "q": "a b"},
+        "source": "crm",
+        "method": "PUT",
+        "path": "mirror/in",
+    }
+
+
+# ---------------------------------------------------------------- dedupe
+
+DEDUPE_FLOWS = {
+    "ping": """
+        name: ping
+        triggers:
+          - webhook:
+              path: ping
+              auth: none
+              dedupe: {key: "${{ trigger.headers['x-delivery-id'] }}", for: 1h}
+        steps:
+          - id: call
+            http: {url: "@BASE@/echo?key=@KEY@"}
+    """,
+    "ask": """
+        name: ask
+        triggers:
+          - webhook:
+              path: ask
+              auth: none
+              respond: wait
+              dedupe: {key: "${{ trigger.body.event }}", for: 1h}
+        steps:
+          - id: call
+            http: {url: "@BASE@/echo?key=@KEY@"}
+          - id: reply
+            respond: {status: 200, json: {run: "${{ run.id }}", n: "${{ trigger.body.n }}"}}
+    """,
+    "brief": """
+        name: brief
+        triggers:
+          - webhook:
+              path: brief
+              auth: none
+              dedupe: {key: "${{ trigger.body.event }}", for: 300ms}
+        steps:
+          - id: call
+            http: {url: "@BASE@/echo?key=@KEY@"}
+    """,
+}
+
+
+@pytest.fixture
+def dedupe_project(write_project: ProjectWriter, upstream: Upstream) -> tuple[Path, str]:
+    key = upstream.key()
+    return write_project(DEDUPE_FLOWS, KEY=key), key
+
+
+async def test_a_duplicate_gets_the_first_runs_id(
+    dedupe_project: tuple[Path, str], serve: ServeFactory, upstream: Upstream
+) -> None:
+    """The same dedupe key twice within the window: the second answer carries the first
+    run's id, and only one run exists."""
+    root, key = dedupe_project
+    served = await serve(root)
+    first = await served.client.post("/hooks/ping", json={}, headers={"X-Delivery-Id": "d-1"})
+    second = await served.client.post("/hooks/ping", json={}, headers={"X-Delivery-Id": "d-1"})
+    other = await served.client.post("/hooks/ping", json={}, headers={"X-Delivery-Id": "d-2"})
+    assert first.status_code == second.status_code == other.status_code == 202
+    assert second.json()["run_id"] == first.json()["run_id"]
+    assert second.json()["duplicate"] is True
+    assert other.json()["run_id"] != first.json()["run_id"]
+    await served.finished(first.json()["run_id"])
+    await served.finished(other.json()["run_id"])
+    assert sorted(r.id for r in served.runs()) == sorted(
+        [first.json()["run_id"], other.json()["run_id"]]
+    )
+    assert upstream.state.count(key) == 2
+
+
+async def test_a_duplicate_in_wait_mode_gets_the_first_runs_answer(
+    dedupe_project: tuple[Path, str], serve: ServeFactory, upstream: Upstream
+) -> None:
+    """In wait mode a duplicate, sent while the first runs or after it finished, gets the
+    first run's answer, and the flow ran once."""
+    root, key = dedupe_project
+    served = await serve(root)
+    together = await asyncio.gather(
+        served.client.post("/hooks/ask", json={"event": "e-1", "n": 1}),
+        served.client.post("/hooks/ask", json={"event": "e-1", "n": 2}),
+    )
+    later = await served.client.post("/hooks/ask", json={"event": "e-1", "n": 3})
+    answers = [r.json() for r in (*together, later)]
+    assert all(r.status_code == 200 for r in (*together, later))
+    assert answers[0] == answers[1] == answers[2]
+    assert len(served.runs()) == 1
+    assert answers[0]["run"] == served.runs()[0].id
+    assert upstream.state.count(key) == 1
+
+
+async def test_after_the_window_the_same_key_runs_again(
+    dedupe_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """Once a dedupe key's window has passed, the same key starts a new run."""
+    served = await serve(dedupe_project[0])
+    first = await served.client.post("/hooks/brief", json={"event": "e-9"})
+    again = await served.client.post("/hooks/brief", json={"event": "e-9"})
+    assert again.json()["run_id"] == first.json()["run_id"]
+    await asyncio.sleep(0.4)
+    later = await served.client.post("/hooks/brief", json={"event": "e-9"})
+    assert later.status_code == 202
+    assert later.json()["run_id"] != first.json()["run_id"]
+    assert "duplicate" not in later.json()
+    await served.finished(later.json()["run_id"])
+    await served.finished(first.json()["run_id"])
+    assert len(served.runs()) == 2
+
+
+# ---------------------------------------------------------------- durable intake
+
+
+async def test_an_accepted_webhook_is_committed_before_its_answer(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """When the 202 arrives, the intake row is already committed (another connection sees
+    it) while the dispatcher has started nothing; then it runs."""
+    served = await serve(answers_project[0], paused=True)
+    response = await served.client.post("/hooks/later", json={"marker": "m-1"})
+    assert response.status_code == 202
+    run_id = response.json()["run_id"]
+    with sqlite3.connect(served.root / ".flowrunner" / "state.db") as conn:
+        rows = list(conn.execute("SELECT id, flow, status, trigger FROM run_queue"))
+    assert len(rows) == 1
+    assert rows[0][:3] == (run_id, "later", "queued")
+    assert '"marker": "m-1"' in rows[0][3]
+    assert served.table("runs") == []
+    served.resume()
+    assert (await served.finished(run_id)).status == "succeeded"
+    assert served.table("run_queue") == []
