@@ -50,6 +50,7 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[RunRecord]]] = {}
         self._stopping = False
+        self._idle = False  # the last look at the queue found nothing waiting
         # Told of runs refused at intake (skipped, failed): they never reach the engine,
         # whose events feed the metrics.
         self.on_refused: Callable[[RunRecord], None] | None = None
@@ -80,12 +81,28 @@ class Dispatcher:
             self._record_refused(run_id, flow.name, trigger, inputs or {}, status, reason)
             return Submitted(run_id, status, reason)
         queued = QueuedRun(run_id, flow.name, trigger, inputs or {}, user_token, datetime.now(UTC))
+        # Start at once when nothing waits ahead of it and there is room: the row is stored
+        # already claimed, and no trip through the dispatch loop is needed.
+        start_now = (
+            self._idle
+            and not self._stopping
+            and self.in_flight < self.max_in_flight
+            and self._running.get(flow.name, 0) < limit.limit
+        )
         try:
-            self.queue.enqueue(queued, dedupe)
+            self.queue.enqueue(queued, dedupe, claim=start_now)
         except Duplicate as duplicate:
             return Submitted(duplicate.run_id, "duplicate")
-        self._wake.set()
+        if start_now:
+            self._start(flow.name, queued)
+        else:
+            self._idle = False
+            self._wake.set()
         return Submitted(run_id, "queued")
+
+    def _start(self, flow: str, queued: QueuedRun) -> None:
+        self._running[flow] = self._running.get(flow, 0) + 1
+        self._tasks[queued.id] = asyncio.create_task(self._execute(queued), name=f"run {queued.id}")
 
     def _record_refused(
         self,
@@ -174,7 +191,10 @@ class Dispatcher:
     def _start_eligible(self) -> None:
         if self.in_flight >= self.max_in_flight:
             return
-        for queued in self.queue.queued():
+        waiting = self.queue.queued()
+        # Nothing waiting: new submissions may start straight away (see submit).
+        self._idle = not waiting
+        for queued in waiting:
             if self.in_flight >= self.max_in_flight or self._stopping:
                 return
             if queued.id in self._tasks:
@@ -196,9 +216,7 @@ class Dispatcher:
                 continue  # when_busy: queue — it waits its turn
             if not self.queue.claim(queued.id):
                 continue  # another worker took it
-            self._running[flow.name] = self._running.get(flow.name, 0) + 1
-            task = asyncio.create_task(self._execute(queued), name=f"run {queued.id}")
-            self._tasks[queued.id] = task
+            self._start(flow.name, queued)
 
     async def _execute(self, queued: QueuedRun) -> None:
         try:
@@ -232,7 +250,8 @@ class Dispatcher:
         for future in self._waiters.pop(queued.id, []):
             if not future.done():
                 future.set_result(record)
-        self._wake.set()
+        if not self._idle:
+            self._wake.set()  # a waiting run may now have room
 
     def _done(self, flow: str, run_id: str) -> None:
         self._running[flow] = max(0, self._running.get(flow, 1) - 1)

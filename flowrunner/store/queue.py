@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from flowrunner.store.crypto import TokenCipher
@@ -53,14 +53,20 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+_INSERT_QUEUED = insert(run_queue)
+_FINISH = delete(run_queue).where(run_queue.c.id == bindparam("run_key"))
+
+
 class RunQueue:
     def __init__(self, database: Database, cipher: TokenCipher, node: str) -> None:
         self.engine = database.engine
         self.cipher = cipher
         self.node = node
 
-    def enqueue(self, run: QueuedRun, dedupe: Dedupe | None = None) -> str:
-        """Store the run durably; returns its id. Raises Duplicate for a seen dedupe key."""
+    def enqueue(self, run: QueuedRun, dedupe: Dedupe | None = None, claim: bool = False) -> str:
+        """Store the run durably; returns its id. Raises Duplicate for a seen dedupe key.
+        With ``claim``, the row is stored already claimed by this node, which is about to
+        start it: one transaction instead of two on the common, idle path."""
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
             if dedupe is not None:
@@ -90,15 +96,18 @@ class RunQueue:
                     # Another node or request took the key between our read and write.
                     raise Duplicate(self._dedupe_owner(dedupe)) from None
             conn.execute(
-                insert(run_queue).values(
-                    id=run.id,
-                    flow=run.flow,
-                    trigger=self._seal(run.trigger),
-                    inputs=run.inputs,
-                    user_token=self.cipher.encrypt(run.user_token),
-                    status="queued",
-                    created_at=run.created_at,
-                )
+                _INSERT_QUEUED,
+                {
+                    "id": run.id,
+                    "flow": run.flow,
+                    "trigger": self._seal(run.trigger),
+                    "inputs": run.inputs,
+                    "user_token": self.cipher.encrypt(run.user_token),
+                    "status": "running" if claim else "queued",
+                    "node": self.node if claim else None,
+                    "created_at": run.created_at,
+                    "claimed_at": now if claim else None,
+                },
             )
         return run.id
 
@@ -169,7 +178,7 @@ class RunQueue:
     def finish(self, run_id: str) -> None:
         """The run is over and recorded in the history: the intake row has done its job."""
         with self.engine.begin() as conn:
-            conn.execute(delete(run_queue).where(run_queue.c.id == run_id))
+            conn.execute(_FINISH, {"run_key": run_id})
 
     def status(self, run_id: str) -> str | None:
         with self.engine.connect() as conn:
