@@ -267,13 +267,7 @@ def runs_list(
         database.close()
 
 
-@runs_app.command("show")
-def runs_show(
-    run_id: Annotated[str, typer.Argument(help="A run id (a prefix is enough).")],
-    project: ProjectOption = None,
-) -> None:
-    """Every step of a run: request, response, outputs and timing."""
-    loaded = load_project(_project_root(project))
+def _stored_run(loaded: Project, run_id: str) -> RunRecord:
     database, history = open_database(loaded)
     try:
         record = history.get_run(run_id)
@@ -282,6 +276,16 @@ def runs_show(
     if record is None:
         err.print(f"no run {run_id}")
         raise typer.Exit(1)
+    return record
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="A run id (a prefix is enough).")],
+    project: ProjectOption = None,
+) -> None:
+    """Every step of a run: request, response, outputs and timing."""
+    record = _stored_run(load_project(_project_root(project)), run_id)
     out.print(f"[bold]run {record.id}[/]  flow {record.flow}  {record.status}")
     out.print(f"started {record.started_at}  finished {record.finished_at}")
     out.print(f"trigger: {escape(json.dumps(record.trigger, default=str))}")
@@ -307,14 +311,7 @@ def runs_rerun(
 ) -> None:
     """Run a flow again with the same trigger payload and inputs."""
     loaded = _load_for_run(project)
-    database, history = open_database(loaded)
-    try:
-        record = history.get_run(run_id)
-    finally:
-        database.close()
-    if record is None:
-        err.print(f"no run {run_id}")
-        raise typer.Exit(1)
+    record = _stored_run(loaded, run_id)
     if "***" in json.dumps(record.trigger, default=str):
         err.print("note: masked values in the original trigger are replayed as '***'")
     result = asyncio.run(_run_once(loaded, record.flow, record.trigger, record.inputs, None, False))

@@ -27,3 +27,11 @@ class TokenRejected(AuthError):
 
 class PermissionDenied(AuthError):
     """The API refused the call with 403: the user lacks a permission."""
+
+
+def regenerate_instructions(profile: str) -> str:
+    """What an administrator does when a machine user's token expired or was revoked."""
+    return (
+        "An administrator must log in as the machine user, generate a new token, and run "
+        f"'flowrunner profiles set-token {profile}'"
+    )

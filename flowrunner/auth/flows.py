@@ -11,7 +11,12 @@ from datetime import UTC, datetime
 
 import httpx
 
-from flowrunner.auth.errors import AuthError, PermissionDenied, TokenRejected
+from flowrunner.auth.errors import (
+    AuthError,
+    PermissionDenied,
+    TokenRejected,
+    regenerate_instructions,
+)
 from flowrunner.store.tokens import Credential
 
 Observe = Callable[[httpx.Response], Awaitable[None]]
@@ -82,9 +87,8 @@ class BearerAuth(_AsyncOnly):
         if self.expires_at is not None and self.expires_at <= self.clock():
             raise AuthError(
                 self.profile,
-                f"the token expired on {self.expires_at:%Y-%m-%d %H:%M} UTC. An administrator "
-                "must log in as the machine user, generate a new token, and run "
-                f"'flowrunner profiles set-token {self.profile}'",
+                f"the token expired on {self.expires_at:%Y-%m-%d %H:%M} UTC. "
+                + regenerate_instructions(self.profile),
             )
         request.headers[self.header] = self.value
         response = yield request
@@ -98,8 +102,7 @@ class BearerAuth(_AsyncOnly):
             raise TokenRejected(
                 self.profile,
                 f"the API refused the token with 401{until}: it was revoked or regenerated. "
-                "An administrator must log in as the machine user, generate a new token, and "
-                f"run 'flowrunner profiles set-token {self.profile}'",
+                + regenerate_instructions(self.profile),
             )
         await self.observe(response)
 
