@@ -47,7 +47,21 @@ async def list_orders(request: Request) -> Response:
     key_ok = secret_equals(key, WOOCOMMERCE_CONSUMER_KEY)
     if not (key_ok and secret_equals(secret, WOOCOMMERCE_CONSUMER_SECRET)):
         raise ApiError(401, "invalid_api_key", "wrong or missing consumer_key/consumer_secret")
-    return JSONResponse(list(ORDERS))
+    # WooCommerce's filters: status (default any) and include (order ids), comma-separated.
+    statuses = _listed(request.query_params.get("status", "any"))
+    include = _listed(request.query_params.get("include", ""))
+    return JSONResponse(
+        [
+            order
+            for order in ORDERS
+            if ("any" in statuses or order["status"] in statuses)
+            and (not include or str(order["id"]) in include)
+        ]
+    )
+
+
+def _listed(value: str) -> set[str]:
+    return {part.strip() for part in value.split(",") if part.strip()}
 
 
 async def list_customers(request: Request) -> Response:
