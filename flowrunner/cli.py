@@ -307,14 +307,31 @@ def runs_show(
 @runs_app.command("rerun")
 def runs_rerun(
     run_id: Annotated[str, typer.Argument(help="A run id (a prefix is enough).")],
+    user_token: Annotated[
+        str | None,
+        typer.Option(
+            "--user-token",
+            envvar="FLOWRUNNER_USER_TOKEN",
+            help="The connected user's token: the history never keeps it.",
+        ),
+    ] = None,
     project: ProjectOption = None,
 ) -> None:
     """Run a flow again with the same trigger payload and inputs."""
     loaded = _load_for_run(project)
     record = _stored_run(loaded, run_id)
-    if "***" in json.dumps(record.trigger, default=str):
-        err.print("note: masked values in the original trigger are replayed as '***'")
-    result = asyncio.run(_run_once(loaded, record.flow, record.trigger, record.inputs, None, False))
+    trigger = dict(record.trigger)
+    if user_token:
+        trigger["headers"] = {
+            **(trigger.get("headers") or {}),
+            "authorization": f"Bearer {user_token}",
+        }
+    if "***" in json.dumps(trigger, default=str):
+        err.print(
+            "note: masked values in the original trigger are replayed as '***'"
+            + ("" if user_token else "; a connected user's token needs --user-token")
+        )
+    result = asyncio.run(_run_once(loaded, record.flow, trigger, record.inputs, user_token, False))
     out.print(f"run {result.id} {result.status} (rerun of {record.id})")
     if result.status != "succeeded":
         raise typer.Exit(1)

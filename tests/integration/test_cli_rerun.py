@@ -1,0 +1,52 @@
+"""`flowrunner runs rerun` replays a run; a connected user's token, never stored, is given
+again with --user-token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from typer.testing import CliRunner
+from upstream_server import Upstream
+
+from flowrunner.cli import app
+
+ProjectWriter = Callable[..., Path]
+
+FLOW = """
+name: as-user
+outputs: {seen: "${{ steps.call.body.headers.authorization }}"}
+steps:
+  - id: call
+    http: {url: /echo, auth: me}
+"""
+PROFILE = """
+name: me
+kind: connected_user
+base_url: @BASE@
+"""
+
+
+def test_rerun_replays_the_trigger_and_takes_the_user_token_again(
+    write_project: ProjectWriter, upstream: Upstream
+) -> None:
+    """A connected-user run reruns with --user-token; without it, the rerun says why it fails."""
+    root = write_project({"as-user": FLOW}, {"me": PROFILE})
+    runner = CliRunner()
+    first = runner.invoke(
+        app, ["run", "as-user", "--user-token", "alice-token-123", "--project", str(root)]
+    )
+    assert first.exit_code == 0, first.output
+    run_id = first.output.split("run ")[-1].split()[0]
+
+    without = runner.invoke(app, ["runs", "rerun", run_id, "--project", str(root)])
+    assert without.exit_code == 1
+    assert "--user-token" in without.output
+
+    again = runner.invoke(
+        app,
+        ["runs", "rerun", run_id, "--user-token", "alice-token-123", "--project", str(root)],
+    )
+    assert again.exit_code == 0, again.output
+    assert "alice-token-123" not in again.output
+    assert "succeeded (rerun of" in again.output
