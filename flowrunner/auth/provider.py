@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,6 +42,7 @@ TOUCH_EVERY_SECONDS = 60.0
 BEARER_REREAD_SECONDS = 5.0
 DEFAULT_HEADERS = {"Authorization": "Bearer ${{ token.access_token }}"}
 REFRESHABLE = (OAuth2Profile, SessionProfile)
+ONE_SECRET = re.compile(r"\$\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}\s*")
 NEVER = datetime.max.replace(tzinfo=UTC)  # the expiry of a token that has none
 REVOKED_KEY = "revoked"  # bearer: fingerprints of the tokens refused with 401
 
@@ -136,17 +138,22 @@ class ProfileAuth:
         profile = self.profile(name)
         if not isinstance(profile, REFRESHABLE):
             raise StepFailed(f"auth profile '{name}' is not refreshable")
-        grants = self._grants(profile, masker)
-        try:
-            credential = await self.tokens.credential(
-                profile.name, grants.grants, grants.parse, profile.refresh_margin, rejected=rejected
-            )
-        except ConfigurationError as exc:  # the stored tokens cannot be decrypted
-            raise AuthError(profile.name, exc.message) from None
-        secrets = [credential.access_token, credential.refresh_token]
-        secrets += [v for v in credential.extra.values() if isinstance(v, str)]
-        for value in secrets:
+        cached = self.tokens.cached(name) if rejected is None else None
+        if cached is not None and self.tokens.usable(cached, profile.refresh_margin):
+            credential = cached  # the path of nearly every request: no grants built
+        else:
+            grants = self._grants(profile, masker)
+            try:
+                credential = await self.tokens.credential(
+                    name, grants.grants, grants.parse, profile.refresh_margin, rejected=rejected
+                )
+            except ConfigurationError as exc:  # the stored tokens cannot be decrypted
+                raise AuthError(profile.name, exc.message) from None
+        for value in (credential.access_token, credential.refresh_token):
             if value and value not in masker:
+                masker.add(value)
+        for value in credential.extra.values():
+            if isinstance(value, str) and value not in masker:
                 masker.add(value)
         return credential
 
@@ -156,15 +163,17 @@ class ProfileAuth:
         async def get(rejected: str | None) -> Credential:
             return await self.credential(profile.name, masker, rejected)
 
+        templates = profile.headers or DEFAULT_HEADERS
+        plain = templates == DEFAULT_HEADERS  # the usual case: no template to render
+
         def headers(credential: Credential) -> dict[str, str]:
+            if plain:
+                return {"Authorization": f"Bearer {credential.access_token}"}
             token = {
                 "access_token": credential.access_token,
                 "refresh_token": credential.refresh_token,
                 **{k: v for k, v in credential.extra.items() if k != SEED_KEY},
             }
-            templates = profile.headers or DEFAULT_HEADERS
-            if templates == DEFAULT_HEADERS:  # the usual case, without rendering a template
-                return {"Authorization": f"Bearer {credential.access_token}"}
             names = self._names(masker) | {"token": token}
             return {k: to_text(render(v, names)) for k, v in templates.items()}
 
@@ -178,12 +187,9 @@ class ProfileAuth:
         """The token to use: the configured one or one stored with set-token, whichever
         expires later; refused before sending if it is the one already found revoked."""
         candidates: list[str] = []
-        try:
-            configured = to_text(render(profile.token, self._names(masker or Masker()))).strip()
-            if configured:
-                candidates.append(configured)
-        except Exception as exc:
-            log.debug("bearer profile %s: configured token unavailable: %s", profile.name, exc)
+        configured = self._configured_bearer(profile)
+        if configured:
+            candidates.append(configured)
         stored = self._stored_bearer(profile.name)
         revoked = set(stored.extra.get(REVOKED_KEY, [])) if stored is not None else set()
         if stored is not None and stored.status == ProfileStatus.REJECTED and stored.fingerprint:
@@ -213,6 +219,19 @@ class ProfileAuth:
             max(expiries, key=lambda pair: pair[0] or NEVER) if usable[1:] else expiries[0]
         )
         return token, expiry
+
+    def _configured_bearer(self, profile: BearerProfile) -> str | None:
+        """The profile's ``token:``, read afresh on every request (a new token put in the
+        environment counts at once); the usual ``${{ secrets.NAME }}`` without a render."""
+        only = ONE_SECRET.fullmatch(profile.token)
+        if only is not None:
+            value = self.secrets.get(only.group(1))
+            return value.strip() or None if value is not None else None
+        try:
+            return to_text(render(profile.token, self._names(Masker()))).strip() or None
+        except Exception as exc:
+            log.debug("bearer profile %s: configured token unavailable: %s", profile.name, exc)
+            return None
 
     def _stored_bearer(self, name: str) -> Credential | None:
         """The token stored with set-token, re-read at most every few seconds: a request

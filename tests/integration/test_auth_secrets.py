@@ -3,11 +3,13 @@ line, run record or error message, and never sent to a host outside ``allowed_ho
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,8 +31,10 @@ from test_auth_support import (
     ts_profile,
     write_env,
 )
+from typer.testing import CliRunner
 
 from flowrunner.auth.tokens import post_token_request
+from flowrunner.cli import app
 from flowrunner.errors import ConfigurationError
 from flowrunner.store.crypto import KEY_ENV
 from flowrunner.store.database import STATE_DIR
@@ -129,6 +133,27 @@ async def test_a_wrong_secret_key_fails_closed(
     monkeypatch.setenv(KEY_ENV, "the right passphrase")
     assert (await run_once(root, "assets")).status == "succeeded"
     assert sandbox.requests(ERMEO_TOKEN) == 1
+
+
+async def test_profiles_under_a_wrong_secret_key_fails_clearly(
+    sandbox: Sandbox, make_project: ProjectFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flowrunner profiles`` under a FLOWRUNNER_SECRET_KEY that cannot decrypt the stored
+    tokens exits non-zero saying which key to restore, without a traceback or a token."""
+    root = ermeo_project(make_project, sandbox)
+    monkeypatch.setenv(KEY_ENV, "the right passphrase")
+    assert (await run_once(root, "assets")).status == "succeeded"
+    monkeypatch.setenv(KEY_ENV, "a wrong passphrase")
+
+    def invoke() -> Any:
+        return CliRunner().invoke(app, ["profiles", "--project", str(root)])
+
+    result = await asyncio.to_thread(invoke)
+    assert result.exit_code not in (0, None)
+    assert KEY_ENV in " ".join(result.output.split())
+    assert not isinstance(result.exception, ConfigurationError), result.exception
+    for token in sandbox_tokens(sandbox):
+        assert token not in result.output
 
 
 async def test_without_the_env_variable_a_key_file_is_created_with_mode_0600(
