@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,18 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+@functools.lru_cache(maxsize=4096)
+def encoded_forms(value: str) -> frozenset[str]:
+    """A secret as it may appear in what we record. Cached: every run registers the same
+    few credentials again, in its own masker."""
+    forms = {value, base64.b64encode(value.encode()).decode("ascii")}
+    forms.add(base64.urlsafe_b64encode(value.encode()).decode("ascii").rstrip("="))
+    # How the value reads once encoded into a URL (query or path) or a JSON string.
+    forms |= {quote(value, safe=""), quote_plus(value, safe=""), quote(value)}
+    forms |= {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    return frozenset(forms)
+
+
 class Masker:
     """Replaces registered secret values in text, including inside longer strings."""
 
@@ -53,12 +66,7 @@ class Masker:
     def add(self, value: object) -> None:
         if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH or value in self._values:
             return
-        forms = {value, base64.b64encode(value.encode()).decode("ascii")}
-        forms.add(base64.urlsafe_b64encode(value.encode()).decode("ascii").rstrip("="))
-        # How the value reads once encoded into a URL (query or path) or a JSON string.
-        forms |= {quote(value, safe=""), quote_plus(value, safe=""), quote(value)}
-        forms |= {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
-        new = forms - self._values
+        new = encoded_forms(value) - self._values
         if new:
             self._values |= new
             self._pattern = None
