@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flowrunner.errors import Problem
 from flowrunner.loader import FLOWS_DIR, PROFILES_DIR, SETTINGS_FILE, Project, load_project
 
 log = logging.getLogger("flowrunner.reload")
@@ -46,7 +45,3 @@ def reload_project(previous: Project) -> Project:
     for problem in fresh.problems:
         log.warning("%s", problem.format())
     return fresh
-
-
-def problems_text(problems: list[Problem]) -> list[str]:
-    return [problem.format() for problem in problems]

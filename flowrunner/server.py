@@ -93,6 +93,7 @@ class Server:
         for name, check in (
             ("reminders", reminders.send_due),
             ("status alerts", reminders.alert_status_changes),
+            ("expired dedupe keys", self.dispatcher.queue.purge_expired_keys),
         ):
             try:
                 check()

@@ -32,7 +32,7 @@ import httpx
 
 from flowrunner.auth.errors import AuthError, NeedsLogin, TokenEndpointBusy
 from flowrunner.secrets import MIN_SECRET_LENGTH, MaskingFilter
-from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, fingerprint
+from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore
 
 log = logging.getLogger("flowrunner.auth")
 log.addFilter(MaskingFilter())  # the running flow's secrets, should a message quote one
@@ -417,7 +417,3 @@ def _scrub(text: str, request: httpx.Request) -> str:
         if len(value) >= MIN_SECRET_LENGTH:
             text = text.replace(value, "***")
     return text
-
-
-def token_fingerprint(token: str | None) -> str | None:
-    return fingerprint(token) if token else None

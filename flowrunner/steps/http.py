@@ -10,7 +10,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urljoin
 
@@ -469,7 +469,3 @@ def extract_outputs(step: HttpStep, pages: list[Any]) -> dict[str, Any]:
         else:
             outputs[name] = path.values(pages[-1])
     return outputs
-
-
-def timeout_seconds(delta: timedelta | None) -> float | None:
-    return delta.total_seconds() if delta else None

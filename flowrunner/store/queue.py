@@ -218,9 +218,6 @@ class RunQueue:
                 )
         return ids
 
-    def drop(self, run_id: str) -> None:
-        self.finish(run_id)
-
     def purge_expired_keys(self) -> int:
         with self.engine.begin() as conn:
             result = conn.execute(
