@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from test_auth_support import Sandbox, TokenServer, start_sandbox, start_token_server
 from upstream_server import Upstream, UpstreamState, create_upstream
 
 from flowrunner.app import Runtime, build_runtime
@@ -105,3 +106,30 @@ def write_project(make_project: Callable[..., Path], upstream: Upstream) -> Proj
         )
 
     return write
+
+
+# The auth tests' servers: one per module, reset before each test.
+
+
+@pytest.fixture(scope="module")
+def sandbox_server() -> Iterator[Sandbox]:
+    with start_sandbox() as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def sandbox(sandbox_server: Sandbox) -> Sandbox:
+    sandbox_server.reset()
+    return sandbox_server
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[TokenServer]:
+    with start_token_server() as running:
+        yield running
+
+
+@pytest.fixture
+def server(token_server: TokenServer) -> TokenServer:
+    token_server.reset()
+    return token_server

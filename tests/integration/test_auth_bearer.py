@@ -4,7 +4,7 @@ profile ``rejected`` until an administrator stores a new token with ``set-token`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,6 @@ from test_auth_support import (
     make_jwt,
     profile_state,
     run_once,
-    start_sandbox,
     start_token_server,
     write_env,
 )
@@ -28,18 +27,6 @@ from flowrunner.cli import app
 ProjectFactory = Callable[..., Path]
 ADMIN = {"X-Admin-Key": "iobeya-demo-admin"}
 BOARDS = "GET /iobeya/s/api/boards"
-
-
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[Sandbox]:
-    with start_sandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    return sandbox_server
 
 
 def iobeya_profile(base: str, extra: str = "") -> str:

@@ -14,24 +14,11 @@ from test_auth_support import (
     make_jwt,
     profile_state,
     run_once,
-    start_sandbox,
     start_token_server,
 )
 
 ProjectFactory = Callable[..., Path]
 WORK_ORDERS = "POST /ermeo/api/v1/work-orders"
-
-
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[Sandbox]:
-    with start_sandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    return sandbox_server
 
 
 @pytest.fixture

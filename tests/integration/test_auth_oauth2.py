@@ -5,7 +5,7 @@ when the endpoint is busy, broken or refuses."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,8 +26,6 @@ from test_auth_support import (
     profile_state,
     run_once,
     save_credential,
-    start_sandbox,
-    start_token_server,
     state_bytes,
     ts_profile,
     write_env,
@@ -36,30 +34,6 @@ from test_auth_support import (
 from flowrunner.auth.tokens import post_token_request
 
 ProjectFactory = Callable[..., Path]
-
-
-@pytest.fixture(scope="module")
-def token_server() -> Iterator[TokenServer]:
-    with start_token_server() as running:
-        yield running
-
-
-@pytest.fixture
-def server(token_server: TokenServer) -> TokenServer:
-    token_server.reset()
-    return token_server
-
-
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[Sandbox]:
-    with start_sandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    return sandbox_server
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,6 @@ from test_auth_support import (
     get_flow,
     run_once,
     runtime_for,
-    start_sandbox,
-    start_token_server,
     state_bytes,
     ts_profile,
     write_env,
@@ -40,30 +38,6 @@ from flowrunner.store.crypto import KEY_ENV
 from flowrunner.store.database import STATE_DIR
 
 ProjectFactory = Callable[..., Path]
-
-
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[Sandbox]:
-    with start_sandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    return sandbox_server
-
-
-@pytest.fixture(scope="module")
-def token_server() -> Iterator[TokenServer]:
-    with start_token_server() as running:
-        yield running
-
-
-@pytest.fixture
-def server(token_server: TokenServer) -> TokenServer:
-    token_server.reset()
-    return token_server
 
 
 @pytest.fixture(autouse=True)

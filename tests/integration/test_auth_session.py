@@ -3,11 +3,10 @@ sent as Basic ``0:<token>``; webCRM's JWT with a rotating refresh token)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from test_auth_support import (
     SANDBOX_SECRETS,
     ClientClock,
@@ -16,7 +15,6 @@ from test_auth_support import (
     load_credential,
     profile_state,
     run_once,
-    start_sandbox,
     write_env,
 )
 
@@ -25,18 +23,6 @@ from flowrunner.sandbox.state import SandboxSettings
 ProjectFactory = Callable[..., Path]
 TRIPLETEX_LOGIN = "PUT /tripletex/v2/token/session/:create"
 INVOICES = "GET /tripletex/v2/invoice"
-
-
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[Sandbox]:
-    with start_sandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    return sandbox_server
 
 
 def tripletex(make_project: ProjectFactory, base: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,7 +25,6 @@ from test_auth_support import (
     run_once,
     runtime_for,
     start_child,
-    start_sandbox,
     start_token_server,
     ts_profile,
     write_env,
@@ -35,18 +34,6 @@ from flowrunner.sandbox.state import Fault
 
 ProjectFactory = Callable[..., Path]
 RUNS = 20
-
-
-@pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[Sandbox]:
-    with start_sandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    return sandbox_server
 
 
 @pytest.fixture
