@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from local_server import serve_in_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -190,22 +189,9 @@ def hooks() -> Iterator[Hooks]:
         return JSONResponse({"ok": True})
 
     app = Starlette(routes=[Route("/hook/{key}", receive, methods=["POST"])])
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="hooks", daemon=True)
-    thread.start()
-    give_up = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < give_up, "hook server did not start"
-        time.sleep(0.01)
-    state.base_url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with serve_in_thread(app, "hooks") as base_url:
+        state.base_url = base_url
         yield state
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(autouse=True)

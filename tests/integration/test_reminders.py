@@ -8,7 +8,6 @@ import base64
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-import uvicorn
+from local_server import serve_in_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -552,22 +551,9 @@ def token_endpoint() -> Iterator[TokenEndpoint]:
         )
 
     app = Starlette(routes=[Route("/token/{key}", token, methods=["POST"])])
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="token-endpoint", daemon=True)
-    thread.start()
-    give_up = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < give_up, "token endpoint did not start"
-        time.sleep(0.01)
-    endpoint.base_url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with serve_in_thread(app, "token-endpoint") as base_url:
+        endpoint.base_url = base_url
         yield endpoint
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def oauth2_profile(endpoint: TokenEndpoint, key: str) -> str:
