@@ -155,6 +155,7 @@ class Engine:
             run_steps=self._run_steps,
             call_flow=self._call_flow,
             user_token=user_token,
+            trigger=trigger,
             dry_run=dry_run,
             on_step=on_step,
         )

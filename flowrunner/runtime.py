@@ -101,6 +101,8 @@ class RunContext:
     run_steps: Callable[[list[Step], Scope, str], Awaitable[None]]
     call_flow: Callable[[str, dict[str, Any], RunContext, str], Awaitable[Any]]
     user_token: str | None = None
+    # What triggered the run, for connected-user profiles whose token is an expression.
+    trigger: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
     dry_run: bool = False
     records: list[StepRecord] = field(default_factory=list)

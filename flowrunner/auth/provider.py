@@ -21,7 +21,7 @@ from flowrunner.auth.oauth2 import SEED_KEY, OAuth2Grants
 from flowrunner.auth.session import SessionGrants
 from flowrunner.auth.static import HeaderAuth, QueryAuth
 from flowrunner.auth.tokens import TokenManager
-from flowrunner.errors import ConfigurationError
+from flowrunner.errors import ConfigurationError, ExpressionError
 from flowrunner.expressions import render, to_text
 from flowrunner.loader import Project
 from flowrunner.model import (
@@ -298,7 +298,15 @@ class ProfileAuth:
     # ------------------------------------------------------------ connected users
 
     def _user_token(self, profile: ConnectedUserProfile, run: RunContext) -> str:
-        token = (run.user_token or "").strip()
+        """The profile's `token:` expression over the trigger (by default the webhook's
+        Authorization header), else the run's user token (`--user-token`)."""
+        token = ""
+        try:
+            names = {"trigger": run.trigger, "secrets": self.secrets.view(run.masker)}
+            token = to_text(render(profile.token, names)).strip()
+        except ExpressionError:
+            pass  # the trigger has no such field: fall back to the run's user token
+        token = token or (run.user_token or "").strip()
         if not token:
             raise StepFailed(
                 f"auth profile '{profile.name}' acts as the connected user, but this run has no "

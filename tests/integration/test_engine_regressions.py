@@ -117,3 +117,36 @@ def test_declared_channels_are_the_default_destination() -> None:
         {"channels": {"ops-mail": {"type": "log"}}, "default_notify": []}
     )
     assert explicit.default_notify == []
+
+
+async def test_a_connected_user_token_expression_reads_the_trigger(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory
+) -> None:
+    """A connected-user profile's `token:` expression picks the user's token from the trigger."""
+    root = write_project(
+        {
+            "main": """
+        name: main
+        outputs: {seen: "${{ steps.call.body.headers.authorization }}"}
+        steps:
+          - id: call
+            http: {url: /echo, auth: me}
+        """
+        },
+        {
+            "me": """
+        name: me
+        kind: connected_user
+        token: ${{ trigger.headers['x-user-token'] }}
+        base_url: @BASE@
+        """
+        },
+    )
+    runtime = open_runtime(root)
+    record = await runtime.engine.run("main", trigger={"headers": {"x-user-token": "tok-alice-42"}})
+    assert record.status == "succeeded", record.error
+    assert runtime.history.get_run(record.id) is not None
+    # The upstream saw the token; the run's own record keeps it masked.
+    assert record.outputs == {"seen": "Bearer ***"}
+    without = await runtime.engine.run("main", trigger={"headers": {}})
+    assert without.status == "failed" and "no user token" in (without.error or "")
