@@ -23,7 +23,7 @@ from flowrunner.model import BearerProfile, OAuth2Profile, SessionProfile
 from flowrunner.profile_status import profile_states
 from flowrunner.reminders import calendar
 from flowrunner.schema import SchemaKind, json_schema
-from flowrunner.secrets import Masker, current_masker
+from flowrunner.secrets import MASK, Masker, current_masker
 from flowrunner.store.runs import RunRecord, StepRecord
 from flowrunner.store.tokens import fingerprint as token_fingerprint
 
@@ -321,16 +321,21 @@ def runs_rerun(
     loaded = _load_for_run(project)
     record = _stored_run(loaded, run_id)
     trigger = dict(record.trigger)
+    headers = dict(trigger.get("headers") or {})
+    # A masked credential header is not replayed as '***': it would be sent as a token.
+    masked = [name for name, value in headers.items() if MASK in str(value)]
+    headers = {name: value for name, value in headers.items() if name not in masked}
     if user_token:
-        trigger["headers"] = {
-            **(trigger.get("headers") or {}),
-            "authorization": f"Bearer {user_token}",
-        }
-    if "***" in json.dumps(trigger, default=str):
+        headers["authorization"] = f"Bearer {user_token}"
+    if "headers" in trigger or user_token:
+        trigger["headers"] = headers
+    if masked and not user_token:
         err.print(
-            "note: masked values in the original trigger are replayed as '***'"
-            + ("" if user_token else "; a connected user's token needs --user-token")
+            f"note: the original {', '.join(masked)} header(s) were secret and are not "
+            "replayed; a connected user's token needs --user-token"
         )
+    if MASK in json.dumps(trigger, default=str):
+        err.print("note: other masked values in the original trigger are replayed as '***'")
     result = asyncio.run(_run_once(loaded, record.flow, trigger, record.inputs, user_token, False))
     out.print(f"run {result.id} {result.status} (rerun of {record.id})")
     if result.status != "succeeded":
