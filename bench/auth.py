@@ -33,13 +33,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
-import json
 import os
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,14 +47,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import MeasurementFailed, emit, median, run_child, table
+from engine import Upstream  # the same upstream process, started the same way
 
 SCRIPT = Path(__file__).resolve()
-UPSTREAM = SCRIPT.parent / "upstream.py"
 GOAL_PERCENT = 5.0
 WARM_UP = 300
 KINDS = {"send": ("header", "oauth2", "bearer"), "flow": ("header", "secret", "oauth2", "bearer")}
 MEASURE_CPU = 0
-UPSTREAM_CPU = 1
 SECRET_KEY = "bench-auth-secret-key"  # noqa: S105 - encrypts a throwaway state database
 PATH = "/customers/1"
 
@@ -226,59 +221,6 @@ def measure(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- the upstream server
-
-
-class Upstream:
-    """bench/upstream.py in its own process, pinned to its own CPU when there are two."""
-
-    def __init__(self, token: str, pin: bool) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port: int = sock.getsockname()[1]
-        command = [sys.executable, str(UPSTREAM), "--port", str(self.port), "--token", token]
-        self.pinned = False
-        if pin:
-            taskset = shutil.which("taskset")
-            if taskset:
-                command = [taskset, "-c", str(UPSTREAM_CPU), *command]
-            else:
-                command += ["--cpu", str(UPSTREAM_CPU)]
-            self.pinned = True
-        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(200):  # at most 10 s
-            if self.process.poll() is not None:
-                raise MeasurementFailed(f"the upstream exited: {self.process.communicate()[1]}")
-            try:
-                self.stats()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise MeasurementFailed("the upstream server did not answer within 10 s")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", "/stats")
-            stats: dict[str, dict[str, int]] = json.loads(conn.getresponse().read())
-            return stats
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
 
 
 # ---------------------------------------------------------------- the parent process
