@@ -10,14 +10,13 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import uvicorn
+from local_server import serve_in_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -59,23 +58,8 @@ def server() -> Iterator[Server]:
         return JSONResponse(payload, status_code=status)
 
     app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none"
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, name="cli-upstream", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Server(f"http://127.0.0.1:{port}", calls, lock)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
+    with serve_in_thread(app, "cli-upstream") as base_url:
+        yield Server(base_url, calls, lock)
 
 
 @pytest.fixture(scope="module")
