@@ -17,13 +17,12 @@ from typing import Any
 
 from flowrunner.engine import Engine
 from flowrunner.errors import FlowrunnerError
-from flowrunner.runtime import RunStatus
+from flowrunner.runtime import INTERRUPTED_MESSAGE, RunStatus
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
 from flowrunner.store.runs import RunHistory, RunRecord
 
 log = logging.getLogger("flowrunner.dispatcher")
 POLL_SECONDS = 1.0
-INTERRUPTED_MESSAGE = "the runner stopped while this run was in flight"
 
 
 @dataclass(frozen=True)
@@ -51,17 +50,19 @@ class Dispatcher:
         self._waiters: dict[str, list[asyncio.Future[RunRecord]]] = {}
         self._stopping = False
         self._idle = False  # the last look at the queue found nothing waiting
+        self._reserved = 0  # slots taken by runs being stored, about to start
+        self._storing: dict[str, int] = {}  # runs being stored, by flow
         # Told of runs refused at intake (skipped, failed): they never reach the engine,
         # whose events feed the metrics.
         self.on_refused: Callable[[RunRecord], None] | None = None
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + self._reserved
 
     # ------------------------------------------------------------ intake
 
-    def submit(
+    async def submit(
         self,
         flow_name: str,
         trigger: dict[str, Any],
@@ -73,32 +74,49 @@ class Dispatcher:
         flow = self.engine().flow(flow_name)
         run_id = str(uuid.uuid4())
         limit = flow.concurrency
-        # Runs waiting in the queue count too: two webhooks in the same instant must not
-        # both pass a `when_busy: skip` flow before the dispatcher has started either.
-        if limit.when_busy != "queue" and self.queue.active(flow.name) >= limit.limit:
-            reason = f"flow {flow.name} is busy ({limit.limit} run(s) in flight)"
-            status = RunStatus.SKIPPED if limit.when_busy == "skip" else RunStatus.FAILED
-            self._record_refused(run_id, flow.name, trigger, inputs or {}, status, reason)
-            return Submitted(run_id, status, reason)
+        # Runs waiting in the queue count too, and those being stored: two webhooks in the
+        # same instant must not both pass a `when_busy: skip` flow.
+        if limit.when_busy != "queue":
+            busy = self.queue.active(flow.name) + self._storing.get(flow.name, 0)
+            if busy >= limit.limit:
+                reason = f"flow {flow.name} is busy ({limit.limit} run(s) in flight)"
+                status = RunStatus.SKIPPED if limit.when_busy == "skip" else RunStatus.FAILED
+                self._record_refused(run_id, flow.name, trigger, inputs or {}, status, reason)
+                return Submitted(run_id, status, reason)
         queued = QueuedRun(run_id, flow.name, trigger, inputs or {}, user_token, datetime.now(UTC))
         # Start at once when nothing waits ahead of it and there is room: the row is stored
-        # already claimed, and no trip through the dispatch loop is needed.
+        # already claimed, and no trip through the dispatch loop is needed. The slot is
+        # taken now, before the write, so that runs stored together cannot overfill it.
         start_now = (
             self._idle
             and not self._stopping
             and self.in_flight < self.max_in_flight
             and self._running.get(flow.name, 0) < limit.limit
         )
-        try:
-            self.queue.enqueue(queued, dedupe, claim=start_now)
-        except Duplicate as duplicate:
-            return Submitted(duplicate.run_id, "duplicate")
         if start_now:
+            self._reserve(flow.name, 1)
+        self._storing[flow.name] = self._storing.get(flow.name, 0) + 1
+        try:
+            await self.queue.enqueue(queued, dedupe, claim=start_now)
+        except BaseException as exc:
+            if start_now:
+                self._reserve(flow.name, -1)
+            if isinstance(exc, Duplicate):
+                return Submitted(exc.run_id, "duplicate")
+            raise
+        finally:
+            self._storing[flow.name] -= 1
+        if start_now:
+            self._reserve(flow.name, -1)
             self._start(flow.name, queued)
         else:
             self._idle = False
             self._wake.set()
         return Submitted(run_id, "queued")
+
+    def _reserve(self, flow: str, count: int) -> None:
+        self._reserved += count
+        self._running[flow] = self._running.get(flow, 0) + count
 
     def _start(self, flow: str, queued: QueuedRun) -> None:
         self._running[flow] = self._running.get(flow, 0) + 1
@@ -117,16 +135,16 @@ class Dispatcher:
         record = RunRecord(
             run_id, flow, status, _without_secrets(trigger), inputs, now, now, error=reason
         )
-        self.history.record_started(record)
-        self.history.record_finished(record)
+        self.history.record(record)
         if self.on_refused is not None:
             self.on_refused(record)
 
     async def wait_for(self, run_id: str, seconds: float) -> RunRecord | None:
         """The finished run, or None if it is still going after ``seconds``."""
-        # A run with an intake row has not finished: the history is read only for the others
-        # (a duplicate of a finished run), as its look-up by id prefix scans the runs table.
-        if self.queue.status(run_id) is None:
+        # A run in flight here has not finished; nor has one with an intake row. The
+        # history is read only for the others (a duplicate of a finished run), as its
+        # look-up by id prefix scans the runs table.
+        if run_id not in self._tasks and self.queue.status(run_id) is None:
             done = self.history.get_run(run_id)
             if done is not None and done.status not in (RunStatus.RUNNING, RunStatus.QUEUED):
                 return done
@@ -148,23 +166,38 @@ class Dispatcher:
     def recover(self) -> None:
         """After a crash: runs that were mid-flight are marked interrupted, and restarted
         when their flow says so; queued runs simply start again."""
-        for run_id in self.queue.requeue_abandoned():
-            record = self.history.get_run(run_id)
-            if record is None:
-                continue  # claimed but not started: it runs again as queued
-            if record.status not in (RunStatus.RUNNING, RunStatus.INTERRUPTED):
+        for queued in self.queue.requeue_abandoned():
+            record = self.history.get_run(queued.id)
+            if record is not None and record.status not in (
+                RunStatus.RUNNING,
+                RunStatus.INTERRUPTED,
+            ):
                 # It finished, and the process died before it removed the intake row.
-                self.queue.finish(run_id)
+                self.queue.finish(queued.id)
                 continue
-            self.history.set_status(run_id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE)
+            if record is None:
+                # It was claimed, so it had started; it died before its history was written.
+                now = datetime.now(UTC)
+                self.history.record(
+                    RunRecord(
+                        queued.id,
+                        queued.flow,
+                        RunStatus.INTERRUPTED,
+                        _without_secrets(queued.trigger),
+                        queued.inputs,
+                        queued.created_at,
+                        now,
+                        error=INTERRUPTED_MESSAGE,
+                    )
+                )
+            else:
+                self.history.set_status(queued.id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE)
+            self.queue.finish(queued.id)
             try:
-                flow = self.engine().flow(record.flow)
+                flow = self.engine().flow(queued.flow)
             except FlowrunnerError:
-                self.queue.finish(run_id)
                 continue
-            queued = next((q for q in self.queue.queued() if q.id == run_id), None)
-            self.queue.finish(run_id)
-            if flow.on_interrupt == "restart" and queued is not None:
+            if flow.on_interrupt == "restart":
                 again = QueuedRun(
                     str(uuid.uuid4()),
                     queued.flow,
@@ -173,8 +206,8 @@ class Dispatcher:
                     queued.user_token,
                     datetime.now(UTC),
                 )
-                self.queue.enqueue(again)
-                log.info("restarting interrupted run %s as %s", run_id, again.id)
+                self.queue.enqueue_now(again)
+                log.info("restarting interrupted run %s as %s", queued.id, again.id)
 
     async def run_forever(self) -> None:
         while not self._stopping:
@@ -239,13 +272,15 @@ class Dispatcher:
                 now,
                 error=exc.message,
             )
+            self.history.record(record)
         except asyncio.CancelledError:
-            # Shutting down: the history says so now; the queue row stays claimed, and the
-            # next start restarts the run if its flow says `on_interrupt: restart`.
+            # Shutting down: the engine recorded the run as interrupted (this covers a run
+            # cancelled before it began); the queue row stays claimed, and the next start
+            # restarts the run if its flow says `on_interrupt: restart`.
             self.history.set_status(queued.id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE)
             self._done(queued.flow, queued.id)
             raise
-        self.queue.finish(queued.id)
+        self.queue.finish_later(queued.id)
         self._done(queued.flow, queued.id)
         for future in self._waiters.pop(queued.id, []):
             if not future.done():

@@ -38,6 +38,7 @@ from flowrunner.model import (
     WaitStep,
 )
 from flowrunner.runtime import (
+    INTERRUPTED_MESSAGE,
     AuthProvider,
     FlowFailed,
     RunContext,
@@ -178,6 +179,14 @@ class Engine:
             log.exception("run %s of %s failed unexpectedly", run_id, flow.name)
             record.status = RunStatus.FAILED
             record.error = masker.mask(f"internal error: {type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            # Shutting down: the run ends as interrupted, and its subscribers hear of it.
+            record.status = RunStatus.INTERRUPTED
+            record.error = INTERRUPTED_MESSAGE
+            record.finished_at = self.clock()
+            record.steps = context.records
+            await self.bus.publish(RunEvent("run_finished", record))
+            raise
         record.finished_at = self.clock()
         record.steps = context.records
         record.response = context.response

@@ -34,6 +34,9 @@ class RunStatus(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+INTERRUPTED_MESSAGE = "the runner stopped while this run was in flight"
+
+
 class StepStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"

@@ -27,7 +27,7 @@ EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 # How long a fire's key is kept: far longer than any restart or catch-up window.
 FIRE_KEY_WINDOW = timedelta(days=7)
 
-Fire = Callable[[str, int, datetime], None]
+Fire = Callable[[str, int, datetime], Awaitable[None]]
 
 
 def trigger_for(schedule: Schedule) -> BaseTrigger:
@@ -190,7 +190,7 @@ class Scheduler:
             misfire_grace_time=None,
         )
 
-    def catch_up(self, flows: dict[str, Flow]) -> int:
+    async def catch_up(self, flows: dict[str, Flow]) -> int:
         """Fires missed while the runner was down: the latest one within the grace period,
         for schedules with ``catch_up: latest``. Its key makes it a no-op if it already ran."""
         count = 0
@@ -201,7 +201,7 @@ class Scheduler:
                     continue
                 missed = latest_fire(trigger_for(schedule), now, schedule.grace)
                 if missed is not None:
-                    self.fire(flow.name, index, missed)
+                    await self.fire(flow.name, index, missed)
                     count += 1
         return count
 
@@ -215,6 +215,6 @@ class Scheduler:
         if fired_at is None:
             return
         try:
-            self.fire(flow, index, fired_at)
+            await self.fire(flow, index, fired_at)
         except Exception:
             log.exception("schedule fire of %s failed to queue", flow)

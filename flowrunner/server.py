@@ -61,10 +61,10 @@ class Server:
     def project(self) -> Project:
         return self.runtime.project
 
-    def fire(self, flow: str, index: int, fired_at: datetime) -> None:
+    async def fire(self, flow: str, index: int, fired_at: datetime) -> None:
         key = fired_at.astimezone(UTC).isoformat()
         trigger = {"kind": "schedule", "fired_at": key}
-        submitted = self.dispatcher.submit(
+        submitted = await self.dispatcher.submit(
             flow, trigger, dedupe=Dedupe(f"schedule:{flow}#{index}", key, FIRE_KEY_WINDOW)
         )
         if submitted.status != "duplicate":
@@ -127,7 +127,9 @@ class Server:
         self.scheduler.every("deliveries", timedelta(minutes=1), self.deliver)
         self.scheduler.start()
         self._tasks.append(asyncio.create_task(self.housekeeping(), name="housekeeping"))
-        caught_up = self.scheduler.catch_up({n: f.flow for n, f in self.project.flows.items()})
+        caught_up = await self.scheduler.catch_up(
+            {n: f.flow for n, f in self.project.flows.items()}
+        )
         if caught_up:
             log.info("checked %d schedule(s) for fires missed while stopped", caught_up)
         self._tasks.append(asyncio.create_task(self.dispatcher.run_forever(), name="dispatcher"))
@@ -168,10 +170,12 @@ class Server:
         run_id = request.path_params["run_id"]
         record = self.runtime.history.get_run(run_id)
         if record is None:
+            # Not in the history yet: waiting in the queue, or running (a run's start is
+            # written only once it has lasted a moment).
             queued = self.dispatcher.queue.status(run_id)
             if queued is None:
                 return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
-            return JSONResponse({"run_id": run_id, "status": "queued"})
+            return JSONResponse({"run_id": run_id, "status": queued})
         return JSONResponse(
             {
                 "run_id": record.id,
@@ -288,10 +292,13 @@ def build_server(
             f"binding {host} exposes the server beyond this machine: set server.admin_token "
             "in flowrunner.yaml (the UI and API will require it; /hooks and /healthz stay open)"
         )
+    async def not_yet(flow: str, index: int, fired_at: datetime) -> None:
+        """Replaced below by the server's own fire, once the server exists."""
+
     server = Server(
         runtime,
         dispatcher,
-        Scheduler(lambda f, i, t: None, clock),
+        Scheduler(not_yet, clock),
         metrics,
         admin_token if not _is_loopback(host) else None,
     )

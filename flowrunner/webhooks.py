@@ -104,7 +104,7 @@ class WebhookEndpoint:
             if key:
                 dedupe = Dedupe(f"webhook:{route.flow}", key, webhook.dedupe.for_)
         try:
-            submitted = self.dispatcher.submit(route.flow, trigger, None, user_token, dedupe)
+            submitted = await self.dispatcher.submit(route.flow, trigger, None, user_token, dedupe)
         except FlowrunnerError as exc:
             raise Refused(503, exc.message) from None
         return await self.answer(request, submitted, webhook)

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, select
 
 from flowrunner.errors import ConfigurationError
+from flowrunner.store.batch import WriteBatcher
 from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
 
 STATE_DIR = ".flowrunner"
@@ -24,6 +25,7 @@ class Database:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.writes = WriteBatcher(engine)
 
     @classmethod
     def open(cls, url: str) -> Database:
@@ -61,6 +63,7 @@ class Database:
                 conn.execute(schema_version.update().values(version=version + 1))
 
     def close(self) -> None:
+        self.writes.flush()
         self.engine.dispose()
 
 

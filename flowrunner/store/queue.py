@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from flowrunner.store.batch import DELETE, INSERT, Row
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.schema import dedupe_keys, run_queue
@@ -49,67 +50,89 @@ SEALED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x
 _SEALED = "$sealed"
 
 
+def _key_row(run_id: str, dedupe: Dedupe, now: datetime) -> dict[str, Any]:
+    return {
+        "scope": dedupe.scope,
+        "key": dedupe.key,
+        "run_id": run_id,
+        "expires_at": now + dedupe.window,
+    }
+
+
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 _INSERT_QUEUED = insert(run_queue)
+_INSERT_KEY = insert(dedupe_keys)
 _FINISH = delete(run_queue).where(run_queue.c.id == bindparam("run_key"))
 
 
 class RunQueue:
     def __init__(self, database: Database, cipher: TokenCipher, node: str) -> None:
         self.engine = database.engine
+        self.writes = database.writes
         self.cipher = cipher
         self.node = node
 
-    def enqueue(self, run: QueuedRun, dedupe: Dedupe | None = None, claim: bool = False) -> str:
-        """Store the run durably; returns its id. Raises Duplicate for a seen dedupe key.
-        With ``claim``, the row is stored already claimed by this node, which is about to
-        start it: one transaction instead of two on the common, idle path."""
+    async def enqueue(
+        self, run: QueuedRun, dedupe: Dedupe | None = None, claim: bool = False
+    ) -> str:
+        """Store the run durably, with the next group commit; returns its id once it is
+        committed. Raises Duplicate for a dedupe key seen within its window. With
+        ``claim``, the row is stored already claimed by this node, which is about to
+        start it: no second write on the common, idle path."""
         now = datetime.now(UTC)
+        rows: list[Row] = [(INSERT, _INSERT_QUEUED, self._row(run, claim, now))]
+        if dedupe is not None:
+            # Optimistic: a new key is a plain insert. A key already there (a duplicate, or
+            # an expired one to replace) fails the shared commit, and this write is done
+            # again alone, by the careful path.
+            rows.insert(0, (INSERT, _INSERT_KEY, _key_row(run.id, dedupe, now)))
+        await self.writes.submit(rows, alone=lambda conn: self._enqueue(conn, run, dedupe, claim))
+        return run.id
+
+    def enqueue_now(self, run: QueuedRun, dedupe: Dedupe | None = None) -> str:
+        """``enqueue`` in a transaction of its own, for callers outside the event loop."""
         with self.engine.begin() as conn:
-            if dedupe is not None:
-                existing = conn.execute(
-                    select(dedupe_keys.c.run_id, dedupe_keys.c.expires_at)
+            return self._enqueue(conn, run, dedupe, claim=False)
+
+    def _enqueue(self, conn: Connection, run: QueuedRun, dedupe: Dedupe | None, claim: bool) -> str:
+        now = datetime.now(UTC)
+        if dedupe is not None:
+            existing = conn.execute(
+                select(dedupe_keys.c.run_id, dedupe_keys.c.expires_at)
+                .where(dedupe_keys.c.scope == dedupe.scope)
+                .where(dedupe_keys.c.key == dedupe.key)
+            ).first()
+            if existing is not None and _utc(existing.expires_at) > now:
+                raise Duplicate(existing.run_id)
+            if existing is not None:
+                conn.execute(
+                    delete(dedupe_keys)
                     .where(dedupe_keys.c.scope == dedupe.scope)
                     .where(dedupe_keys.c.key == dedupe.key)
-                ).first()
-                if existing is not None and _utc(existing.expires_at) > now:
-                    raise Duplicate(existing.run_id)
-                if existing is not None:
-                    conn.execute(
-                        delete(dedupe_keys)
-                        .where(dedupe_keys.c.scope == dedupe.scope)
-                        .where(dedupe_keys.c.key == dedupe.key)
-                    )
-                try:
-                    conn.execute(
-                        insert(dedupe_keys).values(
-                            scope=dedupe.scope,
-                            key=dedupe.key,
-                            run_id=run.id,
-                            expires_at=now + dedupe.window,
-                        )
-                    )
-                except IntegrityError:
-                    # Another node or request took the key between our read and write.
-                    raise Duplicate(self._dedupe_owner(dedupe)) from None
-            conn.execute(
-                _INSERT_QUEUED,
-                {
-                    "id": run.id,
-                    "flow": run.flow,
-                    "trigger": self._seal(run.trigger),
-                    "inputs": run.inputs,
-                    "user_token": self.cipher.encrypt(run.user_token),
-                    "status": "running" if claim else "queued",
-                    "node": self.node if claim else None,
-                    "created_at": run.created_at,
-                    "claimed_at": now if claim else None,
-                },
-            )
+                )
+            try:
+                conn.execute(_INSERT_KEY, _key_row(run.id, dedupe, now))
+            except IntegrityError:
+                # Another node or request took the key between our read and write.
+                raise Duplicate(self._dedupe_owner(dedupe)) from None
+        conn.execute(_INSERT_QUEUED, self._row(run, claim, now))
         return run.id
+
+    def _row(self, run: QueuedRun, claim: bool, now: datetime) -> dict[str, Any]:
+        return {
+            "id": run.id,
+            "flow": run.flow,
+            "trigger": self._seal(run.trigger),
+            "inputs": run.inputs,
+            "user_token": self.cipher.encrypt(run.user_token),
+            "status": "running" if claim else "queued",
+            "node": self.node if claim else None,
+            "created_at": run.created_at,
+            "claimed_at": now if claim else None,
+        }
 
     def _seal(self, trigger: dict[str, Any]) -> dict[str, Any]:
         headers = trigger.get("headers")
@@ -163,22 +186,27 @@ class RunQueue:
                 .order_by(run_queue.c.created_at, run_queue.c.id)
                 .limit(limit)
             ).fetchall()
-        return [
-            QueuedRun(
-                id=row.id,
-                flow=row.flow,
-                trigger=self._unseal(row.trigger),
-                inputs=row.inputs,
-                user_token=self.cipher.decrypt(row.user_token),
-                created_at=_utc(row.created_at),
-            )
-            for row in rows
-        ]
+        return [self._queued(row) for row in rows]
+
+    def _queued(self, row: Any) -> QueuedRun:
+        return QueuedRun(
+            id=row.id,
+            flow=row.flow,
+            trigger=self._unseal(row.trigger),
+            inputs=row.inputs,
+            user_token=self.cipher.decrypt(row.user_token),
+            created_at=_utc(row.created_at),
+        )
 
     def finish(self, run_id: str) -> None:
         """The run is over and recorded in the history: the intake row has done its job."""
         with self.engine.begin() as conn:
             conn.execute(_FINISH, {"run_key": run_id})
+
+    def finish_later(self, run_id: str) -> None:
+        """``finish`` with the next group commit. Nothing waits for it: if the process
+        dies first, the next start finds a finished run's row and removes it."""
+        self.writes.submit_later([(DELETE, _FINISH, {"run_key": run_id})])
 
     def status(self, run_id: str) -> str | None:
         with self.engine.connect() as conn:
@@ -202,21 +230,22 @@ class RunQueue:
             ).scalar()
         return int(value or 0)
 
-    def requeue_abandoned(self, node: str | None = None) -> list[str]:
+    def requeue_abandoned(self, node: str | None = None) -> list[QueuedRun]:
         """Runs claimed by a process that died (this node's, on start): back to queued.
-        Returns their ids so the caller can mark their history ``interrupted``."""
+        Returns them so the caller can mark them ``interrupted`` (a run is claimed only
+        as it starts, so a claimed run was in flight)."""
         with self.engine.begin() as conn:
-            query = select(run_queue.c.id).where(run_queue.c.status == "running")
+            query = select(run_queue).where(run_queue.c.status == "running")
             if node is not None:
                 query = query.where(run_queue.c.node == node)
-            ids = [row.id for row in conn.execute(query)]
-            if ids:
+            found = [self._queued(row) for row in conn.execute(query)]
+            if found:
                 conn.execute(
                     update(run_queue)
-                    .where(run_queue.c.id.in_(ids))
+                    .where(run_queue.c.id.in_([run.id for run in found]))
                     .values(status="queued", node=None, claimed_at=None)
                 )
-        return ids
+        return found
 
     def purge_expired_keys(self) -> int:
         with self.engine.begin() as conn:

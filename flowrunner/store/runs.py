@@ -3,12 +3,14 @@ and received (already masked by the engine)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 
+from flowrunner.store.batch import CHILD, INSERT, UPDATE, Row
 from flowrunner.store.database import Database
 from flowrunner.store.schema import run_steps, runs
 
@@ -72,45 +74,33 @@ _FINISH_RUN = (
 class RunHistory:
     def __init__(self, database: Database) -> None:
         self.engine = database.engine
+        self.writes = database.writes
 
     def record_started(self, run: RunRecord) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                _INSERT_RUN,
-                {
-                    "id": run.id,
-                    "flow": run.flow,
-                    "status": run.status,
-                    "trigger": run.trigger,
-                    "inputs": run.inputs,
-                    "user": run.user,
-                    "parent_id": run.parent_id,
-                    "started_at": run.started_at,
-                },
-            )
+            conn.execute(_INSERT_RUN, _run_row(run))
+
+    def record(self, run: RunRecord) -> None:
+        """A whole run (refused at intake, or found dead at start) in one transaction."""
+        with self.engine.begin() as conn:
+            for _, statement, params in finished_rows(run, started_written=False):
+                conn.execute(statement, params)
 
     def record_finished(self, run: RunRecord) -> None:
         """Steps and the final status in one transaction: one write per run, not per step."""
         with self.engine.begin() as conn:
-            if run.steps:
-                conn.execute(
-                    _INSERT_STEPS,
-                    [
-                        {"run_id": run.id, **{c: getattr(s, c) for c in _STEP_COLUMNS}}
-                        for s in run.steps
-                    ],
-                )
-            conn.execute(
-                _FINISH_RUN,
-                {
-                    "run_key": run.id,
-                    "status": run.status,
-                    "finished_at": run.finished_at,
-                    "outputs": run.outputs,
-                    "response": run.response,
-                    "error": run.error,
-                },
-            )
+            for _, statement, params in finished_rows(run, started_written=True):
+                conn.execute(statement, params)
+
+    def write_started(self, run: RunRecord) -> None:
+        """The run's row, with the next group commit; nobody waits for it."""
+        self.writes.submit_later([(INSERT, _INSERT_RUN, _run_row(run))])
+
+    def write_finished(self, run: RunRecord, started_written: bool) -> asyncio.Future[Any]:
+        """The run's final state and steps, with the next group commit. Without
+        ``started_written`` the whole run is one insert: most runs end before their start
+        was worth writing."""
+        return self.writes.submit(finished_rows(run, started_written))
 
     def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:
         query = select(runs).order_by(runs.c.started_at.desc()).limit(limit)
@@ -151,6 +141,51 @@ class RunHistory:
         with self.engine.begin() as conn:
             conn.execute(delete(run_steps).where(run_steps.c.run_id == run_id))
             conn.execute(delete(runs).where(runs.c.id == run_id))
+
+
+def _run_row(run: RunRecord) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "flow": run.flow,
+        "status": run.status,
+        "trigger": run.trigger,
+        "inputs": run.inputs,
+        "outputs": run.outputs,
+        "response": run.response,
+        "error": run.error,
+        "user": run.user,
+        "parent_id": run.parent_id,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    }
+
+
+def finished_rows(run: RunRecord, started_written: bool) -> list[Row]:
+    """What recording a finished run writes: its row (inserted whole, or updated if its
+    start was written), then its steps."""
+    rows: list[Row] = []
+    if started_written:
+        rows.append(
+            (
+                UPDATE,
+                _FINISH_RUN,
+                {
+                    "run_key": run.id,
+                    "status": run.status,
+                    "finished_at": run.finished_at,
+                    "outputs": run.outputs,
+                    "response": run.response,
+                    "error": run.error,
+                },
+            )
+        )
+    else:
+        rows.append((INSERT, _INSERT_RUN, _run_row(run)))
+    rows.extend(
+        (CHILD, _INSERT_STEPS, {"run_id": run.id, **{c: getattr(s, c) for c in _STEP_COLUMNS}})
+        for s in run.steps
+    )
+    return rows
 
 
 def _utc(value: datetime) -> datetime:

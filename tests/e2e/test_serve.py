@@ -234,8 +234,14 @@ def test_a_killed_server_loses_no_accepted_webhook_and_runs_none_twice(
 
 
 def left_running(root: Path) -> int:
-    """Runs a killed server left 'running' (what the next start marks interrupted)."""
-    return int(state_rows(root, "SELECT count(*) FROM runs WHERE status = 'running'")[0][0])
+    """Runs a killed server left in flight (what the next start marks interrupted): intake
+    rows claimed by it whose run has not finished (a short run's history is written only
+    when it ends, so it may have no row yet)."""
+    query = (
+        "SELECT count(*) FROM run_queue q LEFT JOIN runs r ON r.id = q.id "
+        "WHERE q.status = 'running' AND (r.id IS NULL OR r.status = 'running')"
+    )
+    return int(state_rows(root, query)[0][0])
 
 
 def slow_wait_flow(upstream: Upstream) -> str:

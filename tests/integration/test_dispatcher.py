@@ -135,7 +135,7 @@ async def test_skip_when_busy_records_a_skipped_run(
     assert skipped.error == second.json()["reason"]
     assert skipped.trigger["body"] == {"n": 1}
     served.resume()
-    await served.until(lambda: served.runs("lone")[0].status == "running")
+    await served.until(lambda: served.server.dispatcher.in_flight == 1)
     third = await served.client.post("/hooks/lone", json={"n": 2})
     assert third.json()["status"] == "skipped"
     await served.quiet()
@@ -240,16 +240,20 @@ async def test_runs_queued_when_the_server_stopped_start_on_the_next_start(
     assert all(r.status == "succeeded" for r in runs)
 
 
-def leave_in_flight(root: Path, flow: str, status: str = "running") -> str:
+def leave_in_flight(root: Path, flow: str, status: str | None = "running") -> str:
     """What a process killed mid-run leaves behind: a claimed intake row and a run record
-    in ``status``. Returns the run id."""
+    in ``status`` (None: no record yet, as for a run killed in its first moments).
+    Returns the run id."""
     server = build_server(root)
     queue, history = server.dispatcher.queue, server.runtime.history
     now = datetime.now(UTC)
     trigger = {"kind": "webhook", "body": {"marker": flow}, "headers": {}, "query": {}}
     run = QueuedRun(str(uuid.uuid4()), flow, trigger, {}, None, now)
-    queue.enqueue(run)
+    queue.enqueue_now(run)
     assert queue.claim(run.id)
+    if status is None:
+        server.runtime.database.close()
+        return run.id
     history.record_started(RunRecord(run.id, flow, "running", trigger, {}, now))
     if status != "running":
         history.record_finished(RunRecord(run.id, flow, status, trigger, {}, now, now))
@@ -273,6 +277,27 @@ async def test_runs_cut_short_by_a_crash_are_marked_interrupted_or_restarted(
     (restarted,) = [r for r in runs if r.id not in (kept, redone)]
     assert (restarted.flow, restarted.status) == ("again", "succeeded")
     assert restarted.trigger["body"] == {"marker": "again"}
+
+
+async def test_a_run_killed_before_its_history_was_written_is_interrupted(
+    restart_project: Path, serve: ServeFactory
+) -> None:
+    """A claimed intake row is a run that had started, even with no history yet (a run's
+    start is written only once it lasts): it is marked interrupted with its trigger, never
+    silently run a second time; `on_interrupt: restart` starts it again, once."""
+    kept = leave_in_flight(restart_project, "keep", status=None)
+    redone = leave_in_flight(restart_project, "again", status=None)
+    served = await serve(restart_project)
+    runs = await served.quiet()
+    assert len(runs) == 3
+    for run_id, flow in ((kept, "keep"), (redone, "again")):
+        record = served.run(run_id)
+        assert (record.flow, record.status) == (flow, "interrupted")
+        assert record.trigger["body"] == {"marker": flow}
+        assert "stopped while this run was in flight" in (record.error or "")
+    (restarted,) = [r for r in runs if r.id not in (kept, redone)]
+    assert (restarted.flow, restarted.status) == ("again", "succeeded")
+    assert served.table("run_queue") == []
     assert served.table("run_queue") == []
 
 

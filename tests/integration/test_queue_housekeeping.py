@@ -20,7 +20,7 @@ def test_purge_removes_only_expired_dedupe_keys(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     for index, window in enumerate((timedelta(seconds=-1), timedelta(hours=1))):
         run = QueuedRun(f"run-{index}", "flow", {}, {}, None, now)
-        queue.enqueue(run, Dedupe("webhook:flow", f"key-{index}", window))
+        queue.enqueue_now(run, Dedupe("webhook:flow", f"key-{index}", window))
     assert queue.purge_expired_keys() == 1
     with database.engine.connect() as conn:
         remaining = conn.execute(select(dedupe_keys.c.key)).scalars().all()

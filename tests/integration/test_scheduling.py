@@ -59,18 +59,18 @@ async def test_a_fire_runs_once_even_fired_twice_or_after_a_restart(
     root = make_project(scheduled('{cron: "0 7 29 2 *", catch_up: none}'))
     at = datetime(2028, 2, 29, 7, 0, tzinfo=UTC)
     first = await serve(root)
-    first.server.fire("tick", 0, at)
-    first.server.fire("tick", 0, at.astimezone(PARIS))  # the same instant, another zone
+    await first.server.fire("tick", 0, at)
+    await first.server.fire("tick", 0, at.astimezone(PARIS))  # the same instant, another zone
     runs = await first.quiet()
     assert len(runs) == 1
     assert runs[0].trigger == {"kind": "schedule", "fired_at": "2028-02-29T07:00:00+00:00"}
     assert runs[0].status == "succeeded"
     await first.stop()
     second = await serve(root)
-    second.server.fire("tick", 0, at)
+    await second.server.fire("tick", 0, at)
     await second.quiet()
     assert [r.id for r in second.runs()] == [runs[0].id]
-    second.server.fire("tick", 0, at + timedelta(days=1461))
+    await second.server.fire("tick", 0, at + timedelta(days=1461))
     assert len(await second.quiet()) == 2
 
 

@@ -1,0 +1,129 @@
+"""Group commit: the writes of runs that end (or arrive) at the same moment share one
+transaction, with one ``executemany`` per statement.
+
+Under load, a webhook's intake row, the history of the runs that just ended and the
+intake rows they no longer need are written together, instead of one transaction each:
+on SQLite a transaction costs far more than a row. A write is submitted on the event loop
+and committed at the loop's next turn; whoever needs it durable (an intake before its
+2xx, a run's history before ``flowrunner run`` exits) awaits its future.
+
+If the shared transaction fails (a duplicate key, say), every write in it is retried
+alone, so one bad write fails only its own future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.sql import Executable
+
+log = logging.getLogger("flowrunner.store")
+
+# The order in which statements of one batch run: a run's row before its steps, rows
+# before the deletes that follow them.
+INSERT, UPDATE, CHILD, DELETE = 0, 1, 2, 3
+
+Row = tuple[int, Executable, dict[str, Any]]
+
+
+@dataclass
+class _Write:
+    rows: Sequence[Row]
+    alone: Callable[[Connection], Any] | None
+    future: asyncio.Future[Any] | None
+
+
+class WriteBatcher:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pending: list[_Write] = []
+        self._scheduled: asyncio.Handle | None = None
+
+    def submit(
+        self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue ``rows`` for the next group commit; the future resolves once they are
+        committed. ``alone`` is how to do this write by itself when the shared transaction
+        fails (default: the same rows); its return value becomes the future's result, and
+        what it raises (e.g. a Duplicate) the future's exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._add(_Write(rows, alone, future), loop)
+        return future
+
+    def submit_later(self, rows: Sequence[Row]) -> None:
+        """Queue rows nobody waits for (a failure is logged): they ride along with the
+        next commit. Outside an event loop they are written at once."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_alone(_Write(rows, None, None))
+            return
+        self._add(_Write(rows, None, None), loop)
+
+    def _add(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
+        self._pending.append(write)
+        if self._scheduled is None:
+            # At the loop's next turn, after the callbacks already ready: everything the
+            # runs in flight submit meanwhile joins this commit.
+            self._scheduled = loop.call_soon(self.flush)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Commit everything pending now (also what shutdown calls)."""
+        self._scheduled = None
+        writes, self._pending = self._pending, []
+        if not writes:
+            return
+        if len(writes) == 1 and writes[0].alone is not None:
+            self._write_alone(writes[0])
+            return
+        groups: dict[tuple[int, int], tuple[Executable, list[dict[str, Any]]]] = {}
+        for write in writes:
+            for order, statement, row in write.rows:
+                key = (order, id(statement))
+                if key not in groups:
+                    groups[key] = (statement, [])
+                groups[key][1].append(row)
+        try:
+            with self.engine.begin() as conn:
+                for key in sorted(groups):
+                    statement, many = groups[key]
+                    conn.execute(statement, many if len(many) > 1 else many[0])
+        except Exception:
+            if len(writes) == 1:
+                self._write_alone(writes[0])
+                return
+            log.debug("a group commit failed; writing its %d writes one by one", len(writes))
+            for write in writes:
+                self._write_alone(write)
+            return
+        for write in writes:
+            if write.future is not None and not write.future.done():
+                write.future.set_result(None)
+
+    def _write_alone(self, write: _Write) -> None:
+        try:
+            with self.engine.begin() as conn:
+                if write.alone is not None:
+                    result = write.alone(conn)
+                else:
+                    result = None
+                    for _, statement, params in sorted(write.rows, key=lambda row: row[0]):
+                        conn.execute(statement, params)
+        except Exception as exc:
+            if write.future is None:
+                log.exception("a deferred write to the state store failed")
+            elif not write.future.done():
+                write.future.set_exception(exc)
+            return
+        if write.future is not None and not write.future.done():
+            write.future.set_result(result)

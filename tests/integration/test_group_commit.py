@@ -1,0 +1,139 @@
+"""Group commit in the state store: writes submitted together share one transaction, a
+bad write fails alone, and run history is written once for a short run."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from flowrunner.events import EventBus, RunEvent
+from flowrunner.history import HistoryRecorder
+from flowrunner.store.crypto import TokenCipher
+from flowrunner.store.database import Database
+from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
+from flowrunner.store.runs import RunHistory, RunRecord, StepRecord
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Database:
+    return Database.open(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+def count_commits(database: Database) -> list[int]:
+    commits: list[int] = []
+    event.listen(database.engine, "commit", lambda conn: commits.append(1))
+    return commits
+
+
+def rows(database: Database, sql: str) -> list[tuple[Any, ...]]:
+    path = str(database.engine.url.database)
+    with sqlite3.connect(path) as conn:
+        return list(conn.execute(sql))
+
+
+def queued(run_id: str) -> QueuedRun:
+    return QueuedRun(run_id, "flow", {"kind": "webhook"}, {}, None, datetime.now(UTC))
+
+
+def finished(run_id: str, steps: int = 2) -> RunRecord:
+    now = datetime.now(UTC)
+    record = RunRecord(run_id, "flow", "succeeded", {}, {}, now, now)
+    record.steps = [
+        StepRecord(seq, f"s{seq}", "http", "succeeded", now, 1.0) for seq in range(steps)
+    ]
+    return record
+
+
+async def test_intakes_submitted_together_share_one_commit(database: Database) -> None:
+    """Twenty intakes stored at the same moment: one transaction, every row durable (read
+    through another connection) once the futures resolve."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    commits = count_commits(database)
+    ids = await asyncio.gather(*(queue.enqueue(queued(f"run-{n:02d}")) for n in range(20)))
+    assert ids == [f"run-{n:02d}" for n in range(20)]
+    assert len(commits) == 1
+    assert len(rows(database, "SELECT id FROM run_queue")) == 20
+    database.close()
+
+
+async def test_a_duplicate_key_fails_only_its_own_write(database: Database) -> None:
+    """A dedupe key seen before makes the shared commit fail; each write is then done alone:
+    the duplicate raises with the first run's id, the others are stored."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    window = timedelta(hours=1)
+    await queue.enqueue(queued("first"), Dedupe("webhook:flow", "delivery-1", window))
+    results = await asyncio.gather(
+        queue.enqueue(queued("a"), Dedupe("webhook:flow", "delivery-2", window)),
+        queue.enqueue(queued("again"), Dedupe("webhook:flow", "delivery-1", window)),
+        queue.enqueue(queued("b")),
+        return_exceptions=True,
+    )
+    assert results[0] == "a" and results[2] == "b"
+    assert isinstance(results[1], Duplicate) and results[1].run_id == "first"
+    stored = sorted(row[0] for row in rows(database, "SELECT id FROM run_queue"))
+    assert stored == ["a", "b", "first"]
+    database.close()
+
+
+async def test_an_expired_dedupe_key_is_replaced(database: Database) -> None:
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    await queue.enqueue(queued("old"), Dedupe("webhook:flow", "k", timedelta(seconds=-1)))
+    await queue.enqueue(queued("new"), Dedupe("webhook:flow", "k", timedelta(hours=1)))
+    assert rows(database, "SELECT run_id FROM dedupe_keys") == [("new",)]
+    database.close()
+
+
+async def test_a_short_run_is_written_once_with_its_steps(database: Database) -> None:
+    """A run that ends before it is worth showing as running: one insert of the whole run
+    and its steps, in the commit the engine waits for."""
+    history = RunHistory(database)
+    bus = EventBus()
+    bus.subscribe(HistoryRecorder(history, show_running_after=5).on_event)
+    commits = count_commits(database)
+    record = finished("short")
+    record.status = "running"
+    await bus.publish(RunEvent("run_started", record))
+    record.status = "succeeded"
+    await bus.publish(RunEvent("run_finished", record))
+    assert len(commits) == 1
+    assert rows(database, "SELECT id, status FROM runs") == [("short", "succeeded")]
+    assert rows(database, "SELECT seq FROM run_steps ORDER BY seq") == [(0,), (1,)]
+    database.close()
+
+
+async def test_a_long_run_shows_as_running_then_finished(database: Database) -> None:
+    history = RunHistory(database)
+    bus = EventBus()
+    bus.subscribe(HistoryRecorder(history, show_running_after=0.05).on_event)
+    record = finished("long")
+    record.status = "running"
+    await bus.publish(RunEvent("run_started", record))
+    assert rows(database, "SELECT id FROM runs") == []
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if rows(database, "SELECT status FROM runs"):
+            break
+    assert rows(database, "SELECT status FROM runs") == [("running",)]
+    record.status = "failed"
+    record.error = "step s1: boom"
+    await bus.publish(RunEvent("run_finished", record))
+    assert rows(database, "SELECT status, error FROM runs") == [("failed", "step s1: boom")]
+    assert len(rows(database, "SELECT id FROM run_steps")) == 2
+    database.close()
+
+
+async def test_deferred_writes_ride_along_and_are_flushed_on_close(database: Database) -> None:
+    """Removing a finished run's intake row is not waited for: it joins the next commit,
+    and closing the database writes whatever is still pending."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    await queue.enqueue(queued("done"))
+    queue.finish_later("done")
+    assert database.writes.pending == 1
+    database.close()
+    assert rows(database, "SELECT id FROM run_queue") == []
