@@ -222,16 +222,29 @@ class Dispatcher:
             self._wake.clear()
 
     def _start_eligible(self) -> None:
-        if self.in_flight >= self.max_in_flight:
+        free = self.max_in_flight - self.in_flight
+        if free <= 0:
             return
-        waiting = self.queue.queued()
+        waiting = self.queue.waiting()
         # Nothing waiting: new submissions may start straight away (see submit).
         self._idle = not waiting
-        for queued in waiting:
-            if self.in_flight >= self.max_in_flight or self._stopping:
-                return
-            if queued.id in self._tasks:
+        chosen: list[str] = []
+        planned: dict[str, int] = {}
+        for run_id, flow_name in waiting:
+            if len(chosen) >= free or self._stopping:
+                break
+            if run_id in self._tasks:
                 continue
+            try:
+                limit = self.engine().flow(flow_name).concurrency.limit
+            except FlowrunnerError:
+                limit = free  # taken, then recorded as failed below
+            if self._running.get(flow_name, 0) + planned.get(flow_name, 0) >= limit:
+                continue  # when_busy: queue — it waits its turn
+            planned[flow_name] = planned.get(flow_name, 0) + 1
+            chosen.append(run_id)
+        # One statement for all of them; a run another worker took is simply not returned.
+        for queued in self.queue.claim_many(chosen):
             try:
                 flow = self.engine().flow(queued.flow)
             except FlowrunnerError as exc:
@@ -245,10 +258,6 @@ class Dispatcher:
                 )
                 self.queue.finish(queued.id)
                 continue
-            if self._running.get(flow.name, 0) >= flow.concurrency.limit:
-                continue  # when_busy: queue — it waits its turn
-            if not self.queue.claim(queued.id):
-                continue  # another worker took it
             self._start(flow.name, queued)
 
     async def _execute(self, queued: QueuedRun) -> None:

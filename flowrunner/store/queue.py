@@ -178,6 +178,34 @@ class RunQueue:
             )
             return bool(result.rowcount)
 
+    def claim_many(self, run_ids: list[str]) -> list[QueuedRun]:
+        """Take several queued runs for this node in one statement; returns those this node
+        got (another worker may have taken some), in the order asked."""
+        if not run_ids:
+            return []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(run_queue)
+                .where(run_queue.c.id.in_(run_ids))
+                .where(run_queue.c.status == "queued")
+                .values(status="running", node=self.node, claimed_at=datetime.now(UTC))
+                .returning(*run_queue.c)
+            ).fetchall()
+        position = {run_id: index for index, run_id in enumerate(run_ids)}
+        return sorted((self._queued(row) for row in rows), key=lambda run: position[run.id])
+
+    def waiting(self, limit: int = 500) -> list[tuple[str, str]]:
+        """(id, flow) of the queued runs, oldest first: what the dispatcher chooses from,
+        without reading (and decrypting) every payload."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(run_queue.c.id, run_queue.c.flow)
+                .where(run_queue.c.status == "queued")
+                .order_by(run_queue.c.created_at, run_queue.c.id)
+                .limit(limit)
+            ).fetchall()
+        return [(row.id, row.flow) for row in rows]
+
     def queued(self, limit: int = 500) -> list[QueuedRun]:
         with self.engine.connect() as conn:
             rows = conn.execute(

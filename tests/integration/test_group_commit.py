@@ -137,3 +137,24 @@ async def test_deferred_writes_ride_along_and_are_flushed_on_close(database: Dat
     assert database.writes.pending == 1
     database.close()
     assert rows(database, "SELECT id FROM run_queue") == []
+
+
+async def test_claim_many_takes_only_runs_still_queued_in_the_order_asked(
+    database: Database,
+) -> None:
+    """The dispatcher claims the runs it starts in one statement; a run another worker took
+    meanwhile is not returned, and the payloads come back decrypted."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    other = RunQueue(database, TokenCipher.from_passphrase("k"), node="n2")
+    for name in ("a", "b", "c"):
+        run = queued(name)
+        run.user_token = f"token-{name}"
+        await queue.enqueue(run)
+    assert [run_id for run_id, _ in queue.waiting()] == ["a", "b", "c"]
+    assert other.claim("b")
+    claimed = queue.claim_many(["c", "b", "a"])
+    assert [(run.id, run.user_token) for run in claimed] == [("c", "token-c"), ("a", "token-a")]
+    assert queue.waiting() == []
+    nodes = dict(rows(database, "SELECT id, node FROM run_queue"))
+    assert nodes == {"a": "n1", "b": "n2", "c": "n1"}
+    database.close()
