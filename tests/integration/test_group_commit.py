@@ -158,3 +158,19 @@ async def test_claim_many_takes_only_runs_still_queued_in_the_order_asked(
     nodes = dict(rows(database, "SELECT id, node FROM run_queue"))
     assert nodes == {"a": "n1", "b": "n2", "c": "n1"}
     database.close()
+
+
+async def test_a_bare_date_output_is_saved_as_iso_text(database: Database) -> None:
+    """A step output that is a datetime (``${{ now() }}``) does not stop the run's record
+    from being written: it is stored as ISO 8601 text."""
+    history = RunHistory(database)
+    record = finished("dated", steps=1)
+    when = datetime(2026, 11, 22, 7, 30, tzinfo=UTC)
+    record.outputs = {"when": when}
+    record.steps[0].outputs = {"when": when, "wait": timedelta(seconds=90)}
+    await history.write_finished(record, started_written=False)
+    stored = history.get_run("dated")
+    assert stored is not None and stored.status == "succeeded"
+    assert stored.outputs == {"when": "2026-11-22T07:30:00+00:00"}
+    assert stored.steps[0].outputs == {"when": "2026-11-22T07:30:00+00:00", "wait": 90.0}
+    database.close()
