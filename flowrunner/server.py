@@ -118,6 +118,7 @@ class Server:
             self._tasks.append(asyncio.create_task(self.deliver(), name="deliver"))
 
     async def start(self) -> None:
+        self.runtime.database.checkpoint_in_background()
         self.swap(self.project)
         self.dispatcher.recover()
         self.runtime.engine.bus.subscribe(self.on_run_event)
@@ -292,6 +293,7 @@ def build_server(
             f"binding {host} exposes the server beyond this machine: set server.admin_token "
             "in flowrunner.yaml (the UI and API will require it; /hooks and /healthz stay open)"
         )
+
     async def not_yet(flow: str, index: int, fired_at: datetime) -> None:
         """Replaced below by the server's own fire, once the server exists."""
 

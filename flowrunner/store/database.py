@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,10 @@ from flowrunner.errors import ConfigurationError
 from flowrunner.store.batch import WriteBatcher
 from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
 
+log = logging.getLogger("flowrunner.store")
 STATE_DIR = ".flowrunner"
+AUTOCHECKPOINT_PAGES = 10_000
+CHECKPOINT_SECONDS = 1.0
 
 
 def default_database_url(project_root: Path) -> str:
@@ -27,6 +32,25 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.writes = WriteBatcher(engine)
+        self._checkpoints: threading.Event | None = None
+
+    def checkpoint_in_background(self, every: float = CHECKPOINT_SECONDS) -> None:
+        """SQLite: copy the write-ahead log into the database from a thread, every
+        ``every`` seconds, so that no commit on the event loop has to (a long-running
+        process calls this; short commands never fill the log)."""
+        if self.engine.dialect.name != "sqlite" or self._checkpoints is not None:
+            return
+        stop = self._checkpoints = threading.Event()
+
+        def checkpoint() -> None:
+            while not stop.wait(every):
+                try:
+                    with self.engine.connect() as conn:
+                        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                except Exception:
+                    log.exception("checkpointing the state database failed")
+
+        threading.Thread(target=checkpoint, name="state-checkpoint", daemon=True).start()
 
     @classmethod
     def open(cls, url: str) -> Database:
@@ -64,6 +88,8 @@ class Database:
                 conn.execute(schema_version.update().values(version=version + 1))
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.set()
         self.writes.flush()
         self.engine.dispose()
 
@@ -94,6 +120,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # durable across process crashes, which is what run history needs.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # A checkpoint copies the log into the database and syncs it to disk: done by whoever
+    # commits when the log is full, that stalls the event loop for milliseconds. The
+    # server checkpoints from a thread of its own (see checkpoint_in_background); this
+    # larger limit (~40 MB) is the backstop.
+    cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

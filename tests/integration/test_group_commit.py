@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,27 @@ async def test_a_bare_date_output_is_saved_as_iso_text(database: Database) -> No
     assert stored.outputs == {"when": "2026-11-22T07:30:00+00:00"}
     assert stored.steps[0].outputs == {"when": "2026-11-22T07:30:00+00:00", "wait": 90.0}
     database.close()
+
+
+def test_the_server_keeps_the_write_ahead_log_small_from_a_thread(tmp_path: Path) -> None:
+    """Commits never checkpoint below ~40 MB of log; the background checkpoint copies the
+    log into the database (what a server runs), so the data is in the main file."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
+    with database.engine.connect() as conn:
+        limit = conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+    assert limit == 10_000
+    history = RunHistory(database)
+    for n in range(200):
+        history.record(finished(f"run-{n:03d}"))
+    wal = path.with_name("state.db-wal")
+    assert wal.stat().st_size > 0
+    before = path.stat().st_size
+    database.checkpoint_in_background(every=0.05)
+    for _ in range(100):
+        if path.stat().st_size > before:
+            break
+        threading.Event().wait(0.05)
+    assert path.stat().st_size > before  # the log's pages reached the database file
+    database.close()
+    assert len(rows(database, "SELECT id FROM runs")) == 200
