@@ -7,12 +7,13 @@
 CPUs), ``--concurrency`` at a time. Two levels, each measured in a fresh Python process
 (pinned to CPU 0) per repeat:
 
-- ``send``: the transport path of the http step. ``send:header`` is ``client.send(request)``
+- ``send``: the wire path of the http step. ``send:header`` is ``wire.send(request)``
   with the ``Authorization`` header set by hand; ``send:oauth2`` and ``send:bearer`` send
-  the same request with the ``httpx.Auth`` that ``ProfileAuth.auth_for`` gives (what the
-  http step does for every attempt): for an oauth2 profile whose token is in the state
-  database (RefreshingAuth: the TokenManager's cache, the header, status upkeep), and for
-  a bearer profile (BearerAuth: the token, its expiry check, the 401 watch);
+  the same request with the auth flow that ``ProfileAuth.auth_for`` gives, through
+  ``send_with_auth`` (what the http step does for every attempt): for an oauth2 profile
+  whose token is in the state database (RefreshingAuth: the TokenManager's cache, the
+  header, status upkeep), and for a bearer profile (BearerAuth: the token, its expiry
+  check, the 401 watch);
 - ``flow``: ``engine.run`` of a one-step flow, run history off. ``flow:header`` writes the
   header literally in ``headers:``; ``flow:oauth2`` / ``flow:bearer`` say ``auth:`` instead;
   ``flow:secret`` (for reference) writes ``Bearer ${{ secrets.BENCH_TOKEN }}``, a header
@@ -132,15 +133,20 @@ async def _drive(count: int, concurrency: int, one: Callable[[], Awaitable[None]
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    from multidict import CIMultiDict
+    from yarl import URL
+
     from flowrunner.app import build_runtime
     from flowrunner.runtime import RunContext
     from flowrunner.secrets import Masker
+    from flowrunner.wire import WireRequest, send_with_auth
 
     level = args.level
     token = os.environ["BENCH_TOKEN"]
     runtime = build_runtime(args.project, keep_history=False)
-    client, auth, engine = runtime.client, runtime.auth, runtime.engine
-    url = f"{args.base_url}{PATH}"
+    client, wire, auth, engine = runtime.client, runtime.wire, runtime.auth, runtime.engine
+    url = URL(f"{args.base_url}{PATH}")
+    limit = 10 * 1024 * 1024
 
     async def nothing(*_args: Any) -> Any:
         return None
@@ -154,6 +160,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
             started_at=datetime.now(UTC),
             masker=Masker(),
             client=client,
+            wire=wire,
             auth=auth,
             run_steps=nothing,
             call_flow=nothing,
@@ -162,15 +169,15 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     def sender(kind: str) -> Callable[[], Awaitable[None]]:
         async def by_hand() -> None:
             new_run()
-            request = client.build_request("GET", url, headers={"Authorization": f"Bearer {token}"})
-            check(await client.send(request))
+            headers = CIMultiDict({"Authorization": f"Bearer {token}"})
+            check(await wire.send(WireRequest("GET", url, headers), limit))
 
         async def with_profile() -> None:
             # What the http step does for each attempt: auth_for, then send with it.
             run = new_run()
-            request = client.build_request("GET", url)
+            request = WireRequest("GET", url, CIMultiDict())
             flow = await auth.auth_for(f"bench-{kind}", run)
-            check(await client.send(request, auth=flow))
+            check(await send_with_auth(wire, request, flow, limit))
 
         return by_hand if kind == "header" else with_profile
 

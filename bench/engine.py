@@ -54,6 +54,8 @@ from _common import (
     table,
 )
 
+from flowrunner import __version__  # the package's __init__ only: no import cost to speak of
+
 SCRIPT = Path(__file__).resolve()
 UPSTREAM = SCRIPT.parent / "upstream.py"
 GOAL_RATIO = 1.3
@@ -63,7 +65,7 @@ WORKLOAD_TITLES = {"a": "(a) 3-step flow", "b": "(b) for_each"}
 PROFILE_NAME = "bench-api"
 FLOW_A = "bench-three-steps"
 FLOW_B = "bench-for-each"
-USER_AGENT = "flowrunner"  # what flowrunner's client sends; the baseline sends it too
+USER_AGENT = f"flowrunner/{__version__}"  # what flowrunner sends; the baseline sends it too
 MEASURE_CPU = 0
 UPSTREAM_CPU = 1
 _SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"]).resolve()

@@ -23,6 +23,7 @@ from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import STATE_DIR
 from flowrunner.store.notifications import NotificationStore
 from flowrunner.store.tokens import TokenStore
+from flowrunner.wire import USER_AGENT, AiohttpWire, HttpxWire, Wire, default_ssl_context
 
 DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
 
@@ -48,13 +49,20 @@ class FlowClient(httpx.AsyncClient):
         return None
 
 
-def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """One pooled client for the process, over aiohttp's transport: httpx's API (auth flows,
-    MockTransport in tests) at a fraction of its default transport's per-request cost."""
+def make_client(
+    transport: httpx.AsyncBaseTransport | None = None, wire: AiohttpWire | None = None
+) -> httpx.AsyncClient:
+    """The httpx client for what is not an http step (token endpoints, notifications), over
+    aiohttp's transport: on the wire's connection pool when given one, so that the process
+    keeps one pool."""
+    if transport is None:
+        transport = AiohttpTransport(
+            verify=default_ssl_context(),
+            limits=DEFAULT_LIMITS,
+            client=wire.session if wire is not None else None,
+        )
     return FlowClient(
-        transport=transport or AiohttpTransport(limits=DEFAULT_LIMITS),
-        timeout=httpx.Timeout(30.0),
-        headers={"User-Agent": "flowrunner"},
+        transport=transport, timeout=httpx.Timeout(30.0), headers={"User-Agent": USER_AGENT}
     )
 
 
@@ -80,8 +88,10 @@ class Runtime:
     client: httpx.AsyncClient
     notifier: Notifier
     reminders: Reminders
+    wire: Wire
 
     async def aclose(self) -> None:
+        await self.wire.aclose()
         await self.client.aclose()
         self.database.close()
 
@@ -110,10 +120,18 @@ def build_runtime(
     bus = EventBus()
     if keep_history:
         record_history(bus, history)
-    client = make_client(transport)
+    # http steps go through plain aiohttp; with a transport given (httpx.MockTransport in
+    # tests), they go through the httpx client built on it, like everything else.
+    wire: Wire
+    if transport is None:
+        pool = AiohttpWire()
+        wire, client = pool, make_client(wire=pool)
+    else:
+        client = make_client(transport)
+        wire = HttpxWire(client)
     tokens = token_store(project, database)
     auth = ProfileAuth(project, secrets, tokens, client, clock)
-    engine = Engine(project, client, auth, secrets, bus)
+    engine = Engine(project, client, auth, secrets, bus, wire=wire)
     notifications = NotificationStore(database)
     notifier = Notifier(project.settings, secrets, notifications, client, clock)
     runtime = Runtime(
@@ -126,6 +144,7 @@ def build_runtime(
         client,
         notifier,
         Reminders(lambda: project, auth, notifications, notifier, clock),
+        wire,
     )
     # The reminders follow the project the runtime holds, which serve swaps on reload.
     runtime.reminders.project = lambda: runtime.project

@@ -54,6 +54,7 @@ from flowrunner.secrets import Masker, MaskingFilter, SecretStore, current_maske
 from flowrunner.steps import basic, control
 from flowrunner.steps.http import HttpCall, run_http_step
 from flowrunner.store.runs import RunRecord, StepRecord
+from flowrunner.wire import HttpxWire, Wire
 
 log = logging.getLogger("flowrunner.engine")
 log.addFilter(MaskingFilter())  # unexpected exceptions are logged with their message
@@ -70,9 +71,12 @@ class Engine:
         secrets: SecretStore,
         bus: EventBus | None = None,
         clock: Callable[[], datetime] | None = None,
+        wire: Wire | None = None,
     ) -> None:
         self.project = project
         self.client = client
+        # The http step's requests: through the client itself unless a wire is given.
+        self.wire = wire or HttpxWire(client)
         self.auth = auth
         self.secrets = secrets
         self.bus = bus or EventBus()
@@ -152,6 +156,7 @@ class Engine:
             started_at=record.started_at,
             masker=masker,
             client=self.client,
+            wire=self.wire,
             auth=self.auth,
             run_steps=self._run_steps,
             call_flow=self._call_flow,

@@ -19,6 +19,7 @@ from flowrunner.errors import FlowrunnerError
 from flowrunner.expressions import compile_template, condition_source, render
 from flowrunner.secrets import Masker
 from flowrunner.store.runs import StepRecord
+from flowrunner.wire import Wire, WireAuth
 
 if TYPE_CHECKING:
     from flowrunner.model import Step
@@ -59,11 +60,11 @@ class FlowFailed(StepFailed):
 
 
 class AuthProvider(Protocol):
-    """Gives the httpx.Auth that applies an auth profile's credential to a request."""
+    """Gives the auth flow that applies an auth profile's credential to a request."""
 
     def profile(self, name: str) -> ProfileBase: ...
 
-    async def auth_for(self, name: str, run: RunContext) -> httpx.Auth: ...
+    async def auth_for(self, name: str, run: RunContext) -> WireAuth: ...
 
 
 @dataclass
@@ -99,7 +100,8 @@ class RunContext:
     flow_name: str
     started_at: datetime
     masker: Masker
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # token endpoints and other calls outside the http step
+    wire: Wire  # what the http step sends its requests through
     auth: AuthProvider
     run_steps: Callable[[list[Step], Scope, str], Awaitable[None]]
     call_flow: Callable[[str, dict[str, Any], RunContext, str], Awaitable[Any]]

@@ -1,15 +1,14 @@
-"""``httpx.Auth`` flows for credentials that can fail in interesting ways.
+"""Auth flows for credentials that can fail in interesting ways.
 
-Written as async generator flows (as httpx does), so a 401 can trigger one forced
-refresh and one resend, and a refusal can be turned into a message a human can act on.
+Written as async generator flows (see :class:`flowrunner.wire.WireAuth`), so a 401 can
+trigger one forced refresh and one resend, and a refusal can be turned into a message a
+human can act on.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
-
-import httpx
 
 from flowrunner.auth.errors import (
     AuthError,
@@ -18,18 +17,12 @@ from flowrunner.auth.errors import (
     regenerate_instructions,
 )
 from flowrunner.store.tokens import Credential
+from flowrunner.wire import WireAuth, WireRequest, WireResponse
 
-Observe = Callable[[httpx.Response], Awaitable[None]]
-
-
-class _AsyncOnly(httpx.Auth):
-    def sync_auth_flow(
-        self, request: httpx.Request
-    ) -> Generator[httpx.Request, httpx.Response, None]:
-        raise RuntimeError("flowrunner's auth flows run on the async client only")
+Observe = Callable[[WireResponse], Awaitable[None]]
 
 
-class RefreshingAuth(_AsyncOnly):
+class RefreshingAuth(WireAuth):
     """oauth2 and session profiles: a token from the TokenManager, refreshed once on 401."""
 
     def __init__(
@@ -42,12 +35,8 @@ class RefreshingAuth(_AsyncOnly):
         self.headers = headers
         self.observe = observe
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def auth_flow(self, request: WireRequest) -> AsyncGenerator[WireRequest, WireResponse]:
         credential = await self.get(None)
-        # Set one by one: Headers.update() rebuilds a Headers and scans it, several times
-        # the cost of the assignment on a path every request takes.
         for name, value in self.headers(credential).items():
             request.headers[name] = value
         response = yield request
@@ -60,7 +49,7 @@ class RefreshingAuth(_AsyncOnly):
         await self.observe(response)
 
 
-class BearerAuth(_AsyncOnly):
+class BearerAuth(WireAuth):
     """A token that cannot be refreshed: expiry checked before sending, 401 means revoked."""
 
     def __init__(
@@ -81,9 +70,7 @@ class BearerAuth(_AsyncOnly):
         self.observe = observe
         self.clock = clock
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def auth_flow(self, request: WireRequest) -> AsyncGenerator[WireRequest, WireResponse]:
         if self.expires_at is not None and self.expires_at <= self.clock():
             raise AuthError(
                 self.profile,
@@ -107,7 +94,7 @@ class BearerAuth(_AsyncOnly):
         await self.observe(response)
 
 
-class ConnectedUserAuth(_AsyncOnly):
+class ConnectedUserAuth(WireAuth):
     """The triggering user's token; a 403 is that user's missing permission, never refreshed."""
 
     def __init__(
@@ -119,19 +106,16 @@ class ConnectedUserAuth(_AsyncOnly):
         self.user = user
         self.observe = observe
 
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+    async def auth_flow(self, request: WireRequest) -> AsyncGenerator[WireRequest, WireResponse]:
         request.headers[self.header] = self.value
         response = yield request
         await self.observe(response)
         if response.status_code == 403:
-            await response.aread()
             detail = response.text[:200].strip()
             who = f"user {self.user}" if self.user else "the connected user"
             raise PermissionDenied(
                 self.profile,
-                f"{who} is not allowed to {request.method} {request.url.copy_with(query=None)}"
+                f"{who} is not allowed to {request.method} {request.url.with_query(None)}"
                 f" (403{': ' + detail if detail else ''}). Support should check the user's "
                 "roles, and that the user can do this action by hand in the application",
             )

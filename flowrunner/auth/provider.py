@@ -1,4 +1,4 @@
-"""Finds a step's auth profile and turns it into the ``httpx.Auth`` that applies it."""
+"""Finds a step's auth profile and turns it into the auth flow that applies it."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from flowrunner.model import (
 from flowrunner.runtime import RunContext, StepFailed
 from flowrunner.secrets import Masker, SecretStore
 from flowrunner.store.tokens import Credential, ProfileStatus, TokenStore, fingerprint
+from flowrunner.wire import WireAuth, WireResponse
 
 log = logging.getLogger("flowrunner.auth")
 TOUCH_EVERY_SECONDS = 60.0
@@ -77,11 +78,11 @@ class ProfileAuth:
     def _names(self, masker: Masker) -> dict[str, Any]:
         return {"secrets": self.secrets.view(masker)}
 
-    async def auth_for(self, name: str, run: RunContext) -> httpx.Auth:
+    async def auth_for(self, name: str, run: RunContext) -> WireAuth:
         profile = self.profile(name)
         masker = run.masker
 
-        async def observe(response: httpx.Response) -> None:
+        async def observe(response: WireResponse) -> None:
             self._observe(name, response)
 
         if isinstance(profile, REFRESHABLE):
@@ -316,7 +317,7 @@ class ProfileAuth:
 
     # ------------------------------------------------------------ status from responses
 
-    def _observe(self, name: str, response: httpx.Response) -> None:
+    def _observe(self, name: str, response: WireResponse) -> None:
         """Keep the profile's status current: 403 is forbidden, a success clears it.
         Written only when it changes, and last use at most once a minute."""
         status = response.status_code

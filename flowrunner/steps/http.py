@@ -1,36 +1,48 @@
 """The ``http`` step: render the request, apply the auth profile, send with retries,
-follow pagination, and extract outputs with JSONPath."""
+follow redirects and pagination, and extract outputs with JSONPath.
+
+Requests go out through the run's wire (:mod:`flowrunner.wire`), not through an httpx
+client: this is the path every step of every run takes."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
 import json
-import logging
 import random
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
-import aiohttp
-import httpx
+from multidict import CIMultiDict
+from yarl import URL
 
 from flowrunner.expressions import to_text
 from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import IDEMPOTENT_METHODS, HttpStep, Retry
 from flowrunner.model.base import status_matches
 from flowrunner.runtime import RunContext, Scope, StepFailed, StepResult, step_result
-from flowrunner.secrets import MaskingFilter
+from flowrunner.wire import (
+    DEFAULT_TIMEOUT,
+    USER_AGENT,
+    BodyTooLarge,
+    WireAuth,
+    WireConnectionError,
+    WireRequest,
+    WireResponse,
+    WireTimeout,
+    merge_query,
+    redirect_request,
+    send_with_auth,
+    without_query,
+)
 
-# httpx logs each request's URL at INFO: mask it like everything else a run writes.
-logging.getLogger("httpx").addFilter(MaskingFilter())
-
-DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRY = Retry()
 NO_RETRY = Retry(attempts=1)
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+MAX_REDIRECTS = 20
+_HIDDEN_HEADERS = frozenset({"authorization", "cookie"})
 
 
 class HostNotAllowed(StepFailed):
@@ -58,61 +70,79 @@ class HttpCall:
         self.response_record: dict[str, Any] | None = None
         # What was sent, described for the history only when someone reads it: most runs
         # never need it before they end, and a description costs masking every header.
-        self._sent: tuple[httpx.Request, httpx.Request | None] | None = None
+        self._sent: WireRequest | None = None
         self._record: dict[str, Any] | None = None
 
     @property
     def request_record(self) -> dict[str, Any] | None:
         if self._record is None and self._sent is not None:
-            self._record = self.describe(*self._sent)
+            self._record = self.describe(self._sent)
         return self._record
 
-    def sent(self, request: httpx.Request, first: httpx.Request | None = None) -> None:
-        self._sent, self._record = (request, first), None
+    def sent(self, request: WireRequest) -> None:
+        self._sent, self._record = request, None
 
     # ------------------------------------------------------------ building the request
 
     def build(
         self, url_override: str | None = None, extra_query: dict[str, Any] | None = None
-    ) -> tuple[httpx.Request, str | None]:
+    ) -> tuple[WireRequest, str | None]:
         spec = self.step.http
         render = self.scope.render
-        url = url_override or to_text(render(spec.url))
+        text = url_override or to_text(render(spec.url))
         profile = self.run.auth.profile(spec.auth) if spec.auth else None
-        if profile is not None and profile.base_url and not url.startswith(("http://", "https://")):
-            url = profile.base_url.rstrip("/") + "/" + url.lstrip("/")
-        if not url.startswith(("http://", "https://")):
+        if (
+            profile is not None
+            and profile.base_url
+            and not text.startswith(("http://", "https://"))
+        ):
+            text = profile.base_url.rstrip("/") + "/" + text.lstrip("/")
+        if not text.startswith(("http://", "https://")):
             raise StepFailed(
-                f"URL {self.run.masker.mask(url)!r} is not absolute (http:// or https://)"
+                f"URL {self.run.masker.mask(text)!r} is not absolute (http:// or https://)"
             )
+        try:
+            url = URL(text)
+        except ValueError as exc:
+            raise StepFailed(f"URL {self.run.masker.mask(text)!r} is not valid: {exc}") from None
+        host = url.host
+        if not host:
+            raise StepFailed(f"URL {self.run.masker.mask(text)!r} has no host")
         query = {k: _query_value(v) for k, v in render(spec.query).items()} if spec.query else {}
         if url_override:
             query = {}
         query.update(extra_query or {})
-        headers = {str(k): to_text(v) for k, v in render(spec.headers).items()}
-        for name, value in headers.items():
-            if not (name.isascii() and value.isascii()):
-                raise StepFailed(
-                    f"header {name!r} has non-ASCII characters, which HTTP headers cannot "
-                    "carry; encode the value (with the urlencode or b64encode filter)"
-                )
+        if query:
+            url = merge_query(url, query)  # added to the URL's own query string
+        headers: CIMultiDict[str] = CIMultiDict()
+        if spec.headers:
+            for key, rendered in render(spec.headers).items():
+                name, value = str(key), to_text(rendered)
+                if not (name.isascii() and value.isascii()):
+                    raise StepFailed(
+                        f"header {name!r} has non-ASCII characters, which HTTP headers cannot "
+                        "carry; encode the value (with the urlencode or b64encode filter)"
+                    )
+                headers.add(name, value)
         content: bytes | None = None
         if spec.has_json:
             content = json.dumps(render(spec.json_), default=str).encode()
-            _default_header(headers, "Content-Type", "application/json")
+            if "Content-Type" not in headers:
+                headers["Content-Type"] = "application/json"
         elif spec.form is not None:
             form = {k: to_text(v) for k, v in render(spec.form).items()}
-            content = httpx.QueryParams(form).__str__().encode()
-            _default_header(headers, "Content-Type", "application/x-www-form-urlencoded")
+            content = urlencode(form).encode()
+            if "Content-Type" not in headers:
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
         elif spec.body is not None:
             content = to_text(render(spec.body)).encode()
-        request = self.run.client.build_request(spec.method, url, headers=headers, content=content)
-        if query:
-            # Added to the URL's own query string (httpx's params= would replace it).
-            request.url = request.url.copy_merge_params(query)
+        if "User-Agent" not in headers:
+            headers["User-Agent"] = USER_AGENT
+        timeout = spec.timeout or self.step.timeout
+        seconds = timeout.total_seconds() if timeout else DEFAULT_TIMEOUT
+        request = WireRequest(spec.method, url, headers, content, seconds)
         if profile is not None:
             allowed = profile.default_hosts()
-            host = request.url.host
             if not host_allowed(host, allowed):
                 raise HostNotAllowed(
                     f"auth profile '{profile.name}' may only send its credential to "
@@ -121,24 +151,22 @@ class HttpCall:
                 )
         return request, spec.auth
 
-    def describe(self, request: httpx.Request, sent: httpx.Request | None = None) -> dict[str, Any]:
+    def describe(self, request: WireRequest) -> dict[str, Any]:
         mask = self.run.masker.mask
-        try:
-            content = request.content
-        except httpx.RequestNotRead:
-            # A redirected request carries the first one's body as a stream (or none).
-            content = sent.content if sent is not None and request.method == sent.method else b""
+        content = request.content
         body = content.decode("utf-8", errors="replace") if content else None
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            key = name.lower()
+            if key in _HIDDEN_HEADERS:
+                headers[key] = "***"
+            else:
+                headers[key] = f"{headers[key]}, {mask(value)}" if key in headers else mask(value)
         return {
             "auth": self.step.http.auth,
             "method": request.method,
             "url": mask(str(request.url)),
-            "headers": {
-                k: mask(v)
-                for k, v in request.headers.items()
-                if k.lower() not in ("authorization", "cookie")
-            }
-            | {k: "***" for k in request.headers if k.lower() in ("authorization", "cookie")},
+            "headers": headers,
             "body": self.run.excerpt(body) if body else None,
         }
 
@@ -148,47 +176,45 @@ class HttpCall:
 
     # ------------------------------------------------------------ sending
 
-    async def send(
-        self, request: httpx.Request, auth_name: str | None
-    ) -> tuple[httpx.Response, Any]:
+    async def send(self, request: WireRequest, auth_name: str | None) -> tuple[WireResponse, Any]:
         spec = self.step.http
         retry = self.step.retry or (
             DEFAULT_RETRY if spec.method in IDEMPOTENT_METHODS else NO_RETRY
         )
-        timeout = spec.timeout or self.step.timeout
-        per_request = timeout.total_seconds() if timeout else DEFAULT_TIMEOUT
+        per_request = request.timeout
         deadline = time.monotonic() + (
             self.step.timeout.total_seconds() if self.step.timeout else float("inf")
         )
-        request.extensions["timeout"] = httpx.Timeout(per_request).as_dict()
         self.sent(request)
         if self.run.dry_run:
             raise _DryRun()
-        built = _Built(request.headers.copy(), set(request.url.params.keys()))
+        # What the step built, before any auth flow adds its credential to the request.
+        built = _Built(request.headers.copy(), request.url) if auth_name else None
         attempt = 0
         while True:
             attempt += 1
             self.attempts = attempt
             auth = await self.run.auth.auth_for(auth_name, self.run) if auth_name else None
-            response: httpx.Response | None = None
+            response: WireResponse | None = None
             body: Any = None
             cause: Exception | None = None
             try:
                 response = await self.send_following(request, auth, auth_name, built)
-                # The auth flow may have set headers: describe what was really sent.
-                self.sent(response.request, request)
-                try:
-                    body = await self.read_body(response)
-                finally:
-                    await response.aclose()
-            except httpx.TransportError as exc:
-                if _is_timeout(exc):
-                    failure, condition = f"timed out after {per_request:g}s", "timeout"
-                else:
-                    kind = "ConnectError" if _misread_timeout(exc) else type(exc).__name__
-                    failure, condition = f"connection failed: {kind}: {exc}", "connection"
-                cause, response = exc, None  # a body cut short counts as no response
+            except BodyTooLarge:
+                raise StepFailed(
+                    f"the response body is larger than {self.run.body_limit // 1048576} MB; "
+                    "flowrunner stopped reading it"
+                ) from None
+            except WireTimeout as exc:
+                failure, condition = f"timed out after {per_request:g}s", "timeout"
+                cause = exc
+            except WireConnectionError as exc:
+                failure, condition = f"connection failed: {exc.kind}: {exc.message}", "connection"
+                cause = exc
             else:
+                # The auth flow may have set headers: describe what was really sent.
+                self.sent(response.request)
+                body = parse_body(response)
                 if not _should_retry(retry, response.status_code) or attempt >= retry.attempts:
                     return response, body
                 failure, condition = f"HTTP {response.status_code}", str(response.status_code)
@@ -205,98 +231,69 @@ class HttpCall:
             await asyncio.sleep(delay)
 
     async def send_following(
-        self, request: httpx.Request, auth: httpx.Auth | None, auth_name: str | None, built: _Built
-    ) -> httpx.Response:
+        self,
+        request: WireRequest,
+        auth: WireAuth | None,
+        auth_name: str | None,
+        built: _Built | None,
+    ) -> WireResponse:
         """Send, following redirects; a redirect to a host outside the auth profile's
-        allowed_hosts goes there without the credential (httpx itself would only drop an
-        Authorization header, not an API key header or a query parameter)."""
-        client, spec = self.run.client, self.step.http
-        if auth is None or auth_name is None or not spec.follow_redirects:
-            return await client.send(
-                request,
-                auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
-                follow_redirects=spec.follow_redirects,
-                stream=True,
-            )
-        allowed = self.run.auth.profile(auth_name).default_hosts()
-        response = await client.send(request, auth=auth, follow_redirects=False, stream=True)
+        allowed_hosts goes there without the credential: every header and query parameter
+        the auth flow added is removed (not only an Authorization header)."""
+        wire, limit, spec = self.run.wire, self.run.body_limit, self.step.http
+        response = await send_with_auth(wire, request, auth, limit)
+        if not spec.follow_redirects:
+            return response
+        allowed = self.run.auth.profile(auth_name).default_hosts() if auth_name else []
         sent = response.request  # with the credential on
-        for _ in range(client.max_redirects):
-            following = response.next_request
+        for hop in range(MAX_REDIRECTS + 1):
+            following = redirect_request(response)
             if following is None:
                 return response
-            await response.aclose()
-            if host_allowed(following.url.host, allowed):
-                response = await client.send(
-                    following, auth=auth, follow_redirects=False, stream=True
-                )
+            if hop == MAX_REDIRECTS:
+                break
+            if auth is None or built is None:
+                response = await wire.send(following, limit)
+            elif host_allowed(following.url.host or "", allowed):
+                response = await send_with_auth(wire, following, auth, limit)
             else:
                 _drop_credential(following, sent, built)
-                response = await client.send(following, follow_redirects=False, stream=True)
-        await response.aclose()
+                response = await wire.send(following, limit)
         raise StepFailed(
             f"{spec.method} {self.run.masker.mask(str(request.url))}: "
-            f"more than {client.max_redirects} redirects"
+            f"more than {MAX_REDIRECTS} redirects"
         )
 
-    async def read_body(self, response: httpx.Response) -> Any:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > self.run.body_limit:
-                raise StepFailed(
-                    f"the response body is larger than {self.run.body_limit // 1048576} MB; "
-                    "flowrunner stopped reading it"
-                )
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        content_type = response.headers.get("content-type", "").lower()
-        text = raw.decode(response.charset_encoding or "utf-8", errors="replace")
-        if "json" in content_type and text.strip():
-            try:
-                return json.loads(text)
-            except ValueError:
-                return text
-        return text
+
+def parse_body(response: WireResponse) -> Any:
+    """The body as text, or parsed JSON when the content type says JSON and it parses."""
+    text = response.text
+    if "json" in response.headers.get("Content-Type", "").lower() and text.strip():
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
-@dataclass(frozen=True)
 class _Built:
-    """A request's headers and query names as the step built them, before any auth."""
+    """A request's headers and URL as the step built them, before any auth."""
 
-    headers: httpx.Headers
-    params: set[str]
+    __slots__ = ("headers", "url")
+
+    def __init__(self, headers: CIMultiDict[str], url: URL) -> None:
+        self.headers = headers
+        self.url = url
 
 
-def _drop_credential(following: httpx.Request, sent: httpx.Request, built: _Built) -> None:
+def _drop_credential(following: WireRequest, sent: WireRequest, built: _Built) -> None:
     """Remove from a redirect what the auth flow added to the request that was sent."""
     for name in set(sent.headers.keys()):
-        if sent.headers[name] != built.headers.get(name) and name in following.headers:
-            del following.headers[name]
-    for name in set(sent.url.params.keys()) - built.params:
-        following.url = following.url.copy_remove_param(name)
-
-
-def _misread_timeout(exc: httpx.TransportError) -> bool:
-    """httpx-aiohttp maps every aiohttp connection error (a refused connection, a server
-    that hung up) to ConnectTimeout; the aiohttp error underneath says what happened."""
-    cause = exc.__cause__
-    return (
-        isinstance(exc, httpx.TimeoutException)
-        and isinstance(cause, aiohttp.ClientError)
-        and not isinstance(cause, TimeoutError)
-    )
-
-
-def _is_timeout(exc: httpx.TransportError) -> bool:
-    return isinstance(exc, httpx.TimeoutException) and not _misread_timeout(exc)
-
-
-def _default_header(headers: dict[str, str], name: str, value: str) -> None:
-    """Set a header unless the flow wrote it, in whatever letter case."""
-    if not any(key.lower() == name.lower() for key in headers):
-        headers[name] = value
+        if sent.headers.getall(name) != built.headers.getall(name, []):
+            following.headers.popall(name, None)
+    added = set(sent.url.query.keys()) - set(built.url.query.keys())
+    if added:
+        following.url = without_query(following.url, added)
 
 
 class _DryRun(Exception):
@@ -336,7 +333,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def _backoff(retry: Retry, attempt: int, response: httpx.Response | None) -> float:
+def _backoff(retry: Retry, attempt: int, response: WireResponse | None) -> float:
     if response is not None:
         after = retry_after_seconds(response.headers.get("retry-after"))
         if after is not None:
@@ -389,21 +386,21 @@ async def _exchange(call: HttpCall) -> StepResult:
         **describe_response(run, response, body),
         "pages": len(pages) if paginate is not None else None,
     }
-    return step_result(response.status_code, response.headers, result_body, outputs)
+    return step_result(response.status_code, response.header_dict(), result_body, outputs)
 
 
-def describe_response(run: RunContext, response: httpx.Response, body: Any) -> dict[str, Any]:
+def describe_response(run: RunContext, response: WireResponse, body: Any) -> dict[str, Any]:
     """The response as the history keeps it: masked, bounded, without cookies."""
     return {
         "status": response.status_code,
         "headers": {
-            k: run.masker.mask(v) for k, v in response.headers.items() if k.lower() != "set-cookie"
+            k: run.masker.mask(v) for k, v in response.header_dict().items() if k != "set-cookie"
         },
         "body": run.excerpt(body),
     }
 
 
-def check_expect(call: HttpCall, response: httpx.Response, body: Any) -> None:
+def check_expect(call: HttpCall, response: WireResponse, body: Any) -> None:
     expect = call.step.http.expect
     if status_matches(response.status_code, expect):
         return
@@ -414,12 +411,12 @@ def check_expect(call: HttpCall, response: httpx.Response, body: Any) -> None:
     raise StepFailed(
         f"{call.step.http.method} {call.request_record['url'] if call.request_record else ''} "
         f"answered {response.status_code}, expected {wanted}: {detail_text[:300]}",
-        result=step_result(response.status_code, response.headers, body),
+        result=step_result(response.status_code, response.header_dict(), body),
     )
 
 
 async def follow_pages(
-    call: HttpCall, first: httpx.Request, auth_name: str | None, body: Any
+    call: HttpCall, first: WireRequest, auth_name: str | None, body: Any
 ) -> list[Any]:
     paginate = call.step.http.paginate
     if paginate is None:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import itertools
 import json
 import os
 import secrets
-import ssl
 import subprocess
 import sys
 import textwrap
@@ -32,13 +30,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import uvicorn
-from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from flowrunner.app import DEFAULT_LIMITS, Runtime, build_runtime, database_url, token_store
+from flowrunner.app import Runtime, build_runtime, database_url, token_store
 from flowrunner.auth import jwt
 from flowrunner.loader import load_project
 from flowrunner.profile_status import ProfileState, profile_states
@@ -220,21 +217,11 @@ class ClientClock:
         return datetime.now(UTC) + self.offset
 
 
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
-def transport() -> AiohttpTransport:
-    """The production transport, with one TLS context for the whole test process (loading
-    the CA bundle costs ~0.1 s per runtime, and the tests speak plain HTTP)."""
-    return AiohttpTransport(verify=_ssl_context(), limits=DEFAULT_LIMITS)
-
-
 def open_runtime(root: Path, clock: Callable[[], datetime] | None = None) -> Runtime:
     project = load_project(root)
     assert project.problems == [], [p.format() for p in project.problems]
-    return build_runtime(root, project=project, transport=transport(), clock=clock)
+    # The production wire (aiohttp): its TLS context is loaded once per process.
+    return build_runtime(root, project=project, clock=clock)
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 from upstream_server import Upstream
 
+from flowrunner import __version__
 from flowrunner.app import Runtime
 from flowrunner.store.runs import RunRecord
 
@@ -82,7 +83,7 @@ async def test_query_and_headers_arrive_as_written(
     }
     assert echoed["headers"]["x-team"] == "team blue/42"
     assert echoed["headers"]["x-flag"] == "true"
-    assert echoed["headers"]["user-agent"] == "flowrunner"
+    assert echoed["headers"]["user-agent"] == f"flowrunner/{__version__}"
 
 
 async def test_non_ascii_header_fails_the_step_clearly(

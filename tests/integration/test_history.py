@@ -81,7 +81,7 @@ async def test_a_run_reads_back_as_it_was_recorded(
     assert get.request is not None and get.response is not None
     assert get.request["method"] == "GET"
     assert get.request["url"].endswith("?fail=1&page=2")
-    assert get.request["headers"]["user-agent"] == "flowrunner"
+    assert get.request["headers"]["user-agent"].startswith("flowrunner/")
     assert get.response["status"] == 200
     assert get.response["body"] == {"ok": True, "calls": 2, "method": "GET"}
     assert get.outputs == {"calls": 2}

@@ -7,6 +7,7 @@ tests never see each other's counters. Served by ``conftest.upstream``.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import random
 import threading
@@ -191,6 +192,13 @@ def create_upstream(state: UpstreamState) -> Starlette:
         key = request.query_params.get("key", "redirect")
         return RedirectResponse(f"http://localhost:{port}/landing?key={key}", 302)
 
+    async def moved(request: Request) -> Response:
+        """Redirects to /landing on localhost with the same query string, as a redirect to
+        an API's canonical host does (query-string credentials included)."""
+        state.hit(request.query_params.get("key", "moved"), request)
+        port = request.url.port
+        return RedirectResponse(f"http://localhost:{port}/landing?{request.url.query}", 301)
+
     async def landing(request: Request) -> Response:
         key = request.query_params.get("key", "landing")
         state.hit(f"{key}:landing", request)
@@ -201,6 +209,41 @@ def create_upstream(state: UpstreamState) -> Starlette:
                 "api_key": "x-api-key" in request.headers,
             }
         )
+
+    async def sized(request: Request) -> Response:
+        """?n= bytes with a Content-Length; ?gzip=1 sends them gzip-compressed."""
+        state.hit(request.query_params.get("key", "bytes"), request)
+        raw = b"y" * int(request.query_params.get("n", "10"))
+        if request.query_params.get("gzip"):
+            return Response(gzip.compress(raw), headers={"Content-Encoding": "gzip"})
+        return Response(raw, media_type="text/plain")
+
+    async def many_headers(request: Request) -> Response:
+        """A header sent twice, names in mixed case, and a cookie."""
+        state.hit("headers", request)
+        response = JSONResponse({"ok": True})
+        response.raw_headers += [
+            (b"X-Repeated", b"one"),
+            (b"X-Repeated", b"two"),
+            (b"X-Mixed-Case", b"Value"),
+            (b"Set-Cookie", b"session=abc; Path=/"),
+        ]
+        return response
+
+    async def bounce(request: Request) -> Response:
+        """Redirects to ?to= (by default to itself, forever) with the status ?status= (302
+        by default)."""
+        state.hit(request.query_params.get("key", "bounce"), request)
+        status = int(request.query_params.get("status", "302"))
+        to = request.query_params.get("to", str(request.url))
+        return Response(status_code=status, headers={"Location": to})
+
+    async def token(request: Request) -> Response:
+        """An OAuth2 token endpoint: every request gets a bearer token valid for an hour."""
+        form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
+        state.hit(f"token:{form.get('client_id', '')}", request)
+        access = f"upstream-token-{uuid.uuid4().hex[:12]}"
+        return JSONResponse({"access_token": access, "token_type": "Bearer", "expires_in": 3600})
 
     async def create(request: Request) -> Response:
         state.hit(request.query_params.get("key", "create"), request)
@@ -220,8 +263,13 @@ def create_upstream(state: UpstreamState) -> Starlette:
             Route("/bad-json", bad_json),
             Route("/huge", huge),
             Route("/redirect", redirect_elsewhere),
+            Route("/moved", moved),
             Route("/landing", landing),
             Route("/create", create, methods=["POST"]),
+            Route("/oauth/token", token, methods=["POST"]),
+            Route("/bytes", sized),
+            Route("/headers", many_headers),
+            Route("/bounce", bounce, methods=["GET", "POST", "PUT"]),
         ]
     )
 

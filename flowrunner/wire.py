@@ -1,0 +1,442 @@
+"""The wire under the ``http`` step: a request, a response, and the two ways to send them.
+
+Step requests are the hot path of a run, so they do not go through httpx's client: a
+:class:`WireRequest` is a plain record (a ``yarl.URL``, parsed once; headers in a
+case-insensitive ``CIMultiDict``), and :class:`AiohttpWire` hands it to one pooled
+``aiohttp.ClientSession``. :class:`HttpxWire` sends the same requests through an
+``httpx.AsyncClient`` instead; it is used when a transport is given to ``build_runtime``
+(tests inject ``httpx.MockTransport`` that way). Both raise the same errors, and both
+read the body with a size limit before the response is handed back.
+
+Auth profiles apply their credentials as async generator flows (:class:`WireAuth`): the
+flow yields the request to send and receives its response, and may yield once more to
+resend it (after refreshing a token, say). :func:`send_with_auth` drives such a flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import functools
+import logging
+import ssl
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import urlencode
+
+import aiohttp
+import httpx
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from flowrunner import __version__
+from flowrunner.secrets import MaskingFilter
+
+USER_AGENT = f"flowrunner/{__version__}"
+DEFAULT_TIMEOUT = 30.0
+MAX_CONNECTIONS = 200
+# aiohttp keeps idle connections until they are this old; it has no separate cap on how
+# many are kept (httpx's max_keepalive_connections), so MAX_CONNECTIONS bounds both.
+KEEPALIVE_SECONDS = 5.0
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_READ_CHUNK = 65536
+_NO_TIMEOUT = aiohttp.ClientTimeout()  # the exchange is bounded by asyncio.timeout instead
+
+# The httpx client still serves token endpoints and notifications, and httpx logs each
+# request's URL at INFO: mask it like everything else a run writes.
+logging.getLogger("httpx").addFilter(MaskingFilter())
+
+
+# ---------------------------------------------------------------- requests and responses
+
+
+@dataclass(slots=True)
+class WireRequest:
+    """One HTTP request as the step built it (and as its auth flow completed it)."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    content: bytes | None = None
+    timeout: float = DEFAULT_TIMEOUT  # seconds for the whole exchange, body included
+
+
+@dataclass(slots=True)
+class WireResponse:
+    """A response whose body has been read (within the sender's size limit)."""
+
+    status_code: int
+    headers: CIMultiDictProxy[str]
+    content: bytes
+    charset: str | None
+    url: URL
+    request: WireRequest
+    _dict: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def encoding(self) -> str:
+        """The body's declared charset when Python knows it, else UTF-8."""
+        return known_encoding(self.charset) or "utf-8"
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(self.encoding, errors="replace")
+
+    @property
+    def location(self) -> str | None:
+        """Where a redirect points, when it is one."""
+        if self.status_code in REDIRECT_STATUSES:
+            return self.headers.get("Location")
+        return None
+
+    def header_dict(self) -> dict[str, str]:
+        """The headers as a dict with lower-cased names; a header that came several times
+        holds its values joined with ", " (what a step's result and the history show)."""
+        if self._dict is None:
+            headers: dict[str, str] = {}
+            for name, value in self.headers.items():
+                key = name.lower()
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            self._dict = headers
+        return self._dict
+
+
+@functools.lru_cache(maxsize=32)
+def known_encoding(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return None
+
+
+# ---------------------------------------------------------------- errors
+
+
+class WireError(Exception):
+    """The exchange failed before a whole response was read."""
+
+
+class WireTimeout(WireError):
+    """The exchange took longer than the request's timeout."""
+
+
+class WireConnectionError(WireError):
+    """No usable answer: the connection was refused or reset, the name did not resolve,
+    the server hung up or spoke something other than HTTP. ``kind`` names the failure
+    as the step's error shows it (``ConnectError``, ``ReadError``...)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class BodyTooLarge(WireError):
+    """The response body is larger than the limit; reading stopped there."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the response body is larger than {limit} bytes")
+        self.limit = limit
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def merge_query(url: URL, params: Mapping[str, str | list[str]]) -> URL:
+    """``url`` with ``params`` added to its own query string; a name already there takes
+    the new value(s) in its place. Encoded as a form would be (``quote_plus``), so that a
+    secret in a parameter reads in the URL as the run's masker expects."""
+    if not params:
+        return url
+    merged: dict[str, list[str]] = {}
+    for name, value in url.query.items():
+        merged.setdefault(name, []).append(value)
+    for name, given in params.items():
+        merged[name] = given if isinstance(given, list) else [given]
+    return with_query_items(url, ((name, v) for name, values in merged.items() for v in values))
+
+
+def without_query(url: URL, names: Iterable[str]) -> URL:
+    """``url`` without the query parameters ``names``."""
+    drop = set(names)
+    if not drop:
+        return url
+    return with_query_items(url, ((k, v) for k, v in url.query.items() if k not in drop))
+
+
+def with_query_items(url: URL, items: Iterable[tuple[str, str]]) -> URL:
+    return URL.build(
+        scheme=url.scheme,
+        authority=url.raw_authority,
+        path=url.raw_path,
+        query_string=urlencode(list(items)),
+        fragment=url.raw_fragment,
+        encoded=True,
+    )
+
+
+def _default_port(url: URL) -> int | None:
+    return url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
+
+
+def redirect_request(response: WireResponse) -> WireRequest | None:
+    """The request a redirect answer asks for, or None if it is not one. As browsers (and
+    httpx) do: 303, and 302 or a POST's 301, become a GET without a body; the
+    Authorization header does not leave the origin (except for an upgrade to HTTPS on the
+    same host); a Cookie header is never carried over."""
+    location = response.location
+    if location is None:
+        return None
+    request = response.request
+    try:
+        url = URL(location)
+    except ValueError:
+        raise WireConnectionError(
+            "RemoteProtocolError", f"invalid URL in the Location header: {location!r}"
+        ) from None
+    if not url.is_absolute():
+        url = request.url.join(url)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise WireConnectionError(
+            "UnsupportedProtocol", f"a redirect to {str(url)!r} cannot be followed"
+        )
+    if request.url.fragment and not url.fragment:
+        url = url.with_fragment(request.url.fragment)
+    status, method = response.status_code, request.method
+    if (status in (302, 303) and method != "HEAD") or (status == 301 and method == "POST"):
+        method = "GET"
+    headers = request.headers.copy()
+    old = request.url
+    if (url.scheme, url.host, _default_port(url)) != (old.scheme, old.host, _default_port(old)):
+        upgrade = (
+            old.scheme == "http"
+            and _default_port(old) == 80
+            and url.scheme == "https"
+            and _default_port(url) == 443
+            and old.host == url.host
+        )
+        if not upgrade:
+            headers.popall("Authorization", None)
+        headers.popall("Host", None)
+    content = request.content
+    if method != request.method and method == "GET":
+        headers.popall("Content-Length", None)
+        headers.popall("Transfer-Encoding", None)
+        content = None
+    headers.popall("Cookie", None)
+    return WireRequest(method, url, headers, content, request.timeout)
+
+
+# ---------------------------------------------------------------- auth flows
+
+
+class WireAuth:
+    """Applies a credential to a request. ``auth_flow`` yields the request to send and
+    receives its response; it may yield again to resend (once, after a refresh), and may
+    raise to fail the step with a message a human can act on."""
+
+    def auth_flow(self, request: WireRequest) -> AsyncGenerator[WireRequest, WireResponse]:
+        raise NotImplementedError
+
+
+async def send_with_auth(
+    wire: Wire, request: WireRequest, auth: WireAuth | None, body_limit: int
+) -> WireResponse:
+    """Send ``request`` with the credential ``auth`` applies (if any), as its flow says."""
+    if auth is None:
+        return await wire.send(request, body_limit)
+    flow = auth.auth_flow(request)
+    try:
+        request = await flow.__anext__()
+        while True:
+            response = await wire.send(request, body_limit)
+            try:
+                request = await flow.asend(response)
+            except StopAsyncIteration:  # the flow is done (and closed)
+                return response
+    except BaseException:
+        await flow.aclose()  # a flow stopped half-way runs its cleanup now
+        raise
+
+
+# ---------------------------------------------------------------- senders
+
+
+class Wire(Protocol):
+    async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
+        """Send one request (no redirect followed) and read its body, at most
+        ``body_limit`` bytes of it (BodyTooLarge past that)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """The certificates httpx trusts (certifi's bundle, or SSL_CERT_FILE / SSL_CERT_DIR),
+    loaded once per process for every connection pool."""
+    return httpx.create_ssl_context()
+
+
+class AiohttpWire:
+    """Step requests over one pooled ``aiohttp.ClientSession`` for the process.
+
+    The session is opened on the first request, inside the running event loop (a runtime
+    may be built before the loop starts). It keeps no cookies (it serves every run, flow
+    and profile), follows no redirects (the step does, to keep credentials where they
+    belong), decompresses gzip and deflate bodies, and sends ``User-Agent:
+    flowrunner/<version>`` unless the request carries its own."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, opened on first use (also shared with the httpx client that
+        calls token endpoints, through its aiohttp transport)."""
+        if self._session is None:
+            if self._closed:
+                raise RuntimeError("this connection pool is closed")
+            connector = aiohttp.TCPConnector(
+                limit=MAX_CONNECTIONS,
+                keepalive_timeout=KEEPALIVE_SECONDS,
+                ssl=self._ssl or default_ssl_context(),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": USER_AGENT},
+                timeout=aiohttp.ClientTimeout(total=DEFAULT_TIMEOUT),
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
+        session = self._session or self.session()
+        try:
+            # asyncio's own timeout, not aiohttp's: when the step's timeout expires at the
+            # same moment, asyncio tells the two apart and the step's wins.
+            async with asyncio.timeout(request.timeout):
+                response = await session.request(
+                    request.method,
+                    request.url,
+                    headers=request.headers,
+                    data=request.content,
+                    allow_redirects=False,
+                    timeout=_NO_TIMEOUT,
+                )
+                try:
+                    if request.method == "HEAD":
+                        content = await response.read()  # no body, whatever Content-Length says
+                    else:
+                        content = await _read_aiohttp(response, body_limit)
+                finally:
+                    response.release()
+        except TimeoutError as exc:
+            raise WireTimeout(f"no complete answer within {request.timeout:g}s") from exc
+        except aiohttp.ClientPayloadError as exc:  # the body was cut short
+            raise WireConnectionError("ReadError", str(exc)) from exc
+        except aiohttp.ClientResponseError as exc:  # not HTTP, or malformed
+            raise WireConnectionError("RemoteProtocolError", exc.message) from exc
+        except aiohttp.ClientConnectionError as exc:  # refused, reset, DNS, hung up
+            raise WireConnectionError("ConnectError", str(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise WireConnectionError(type(exc).__name__, str(exc)) from exc
+        return WireResponse(
+            response.status, response.headers, content, response.charset, response.url, request
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+async def _read_aiohttp(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    length = response.content_length
+    encoded = "Content-Encoding" in response.headers  # decompressed, it may be any size
+    if length is not None and not encoded:
+        if length > limit:
+            response.close()
+            raise BodyTooLarge(limit)
+        return await response.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            response.close()  # the rest is never read: the connection is not reused
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class HttpxWire:
+    """Step requests through an ``httpx.AsyncClient`` (one built on an injected
+    transport), with the same errors and the same bounded body read as AiohttpWire."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
+        outgoing = self.client.build_request(
+            request.method,
+            str(request.url),
+            headers=list(request.headers.items()),
+            content=request.content,
+            timeout=request.timeout,
+        )
+        try:
+            async with asyncio.timeout(request.timeout):
+                response = await self.client.send(outgoing, stream=True, follow_redirects=False)
+                try:
+                    content = await _read_httpx(response, body_limit)
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise WireTimeout(str(exc)) from exc
+        except httpx.TransportError as exc:
+            if _misread_timeout(exc):
+                raise WireConnectionError("ConnectError", str(exc)) from exc
+            if isinstance(exc, httpx.TimeoutException):
+                raise WireTimeout(str(exc)) from exc
+            raise WireConnectionError(type(exc).__name__, str(exc)) from exc
+        headers = CIMultiDictProxy(CIMultiDict(response.headers.multi_items()))
+        return WireResponse(
+            response.status_code,
+            headers,
+            content,
+            response.charset_encoding,
+            URL(str(response.url)),
+            request,
+        )
+
+    async def aclose(self) -> None:
+        """Nothing to close: the client belongs to whoever built it."""
+
+
+async def _read_httpx(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _misread_timeout(exc: httpx.TransportError) -> bool:
+    """httpx-aiohttp maps every aiohttp connection error (a refused connection, a server
+    that hung up) to ConnectTimeout; the aiohttp error underneath says what happened."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, httpx.TimeoutException)
+        and isinstance(cause, aiohttp.ClientError)
+        and not isinstance(cause, TimeoutError)
+    )
