@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Dialect, Engine
 from sqlalchemy.sql import Executable
 
 log = logging.getLogger("flowrunner.store")
@@ -38,11 +38,41 @@ class _Write:
     future: asyncio.Future[Any] | None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A statement compiled for the driver, with the bind processor of each parameter."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+    positional: bool
+
+    @classmethod
+    def of(cls, statement: Executable, keys: tuple[str, ...], dialect: Dialect) -> _Prepared:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+        names = tuple(compiled.positiontup if compiled.positional else compiled.binds)
+        processors = tuple(
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in names
+        )
+        return cls(compiled.string, names, processors, bool(compiled.positional))
+
+    def values(self, row: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        processed = [
+            row[name] if process is None else process(row[name])
+            for name, process in zip(self.names, self.processors, strict=True)
+        ]
+        if self.positional:
+            return tuple(processed)
+        return dict(zip(self.names, processed, strict=True))
+
+
 class WriteBatcher:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._pending: list[_Write] = []
         self._scheduled: asyncio.Handle | None = None
+        self._prepared: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
 
     def submit(
         self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
@@ -97,7 +127,7 @@ class WriteBatcher:
             with self.engine.begin() as conn:
                 for key in sorted(groups):
                     statement, many = groups[key]
-                    conn.execute(statement, many if len(many) > 1 else many[0])
+                    self._execute_many(conn, statement, many)
         except Exception:
             if len(writes) == 1:
                 self._write_alone(writes[0])
@@ -109,6 +139,20 @@ class WriteBatcher:
         for write in writes:
             if write.future is not None and not write.future.done():
                 write.future.set_result(None)
+
+    def _execute_many(
+        self, conn: Connection, statement: Executable, rows: list[dict[str, Any]]
+    ) -> None:
+        """``conn.execute(statement, rows)``, minus SQLAlchemy's per-row bookkeeping: the
+        statement is compiled once for these columns, each value goes through its column
+        type's own bind processor (JSON, dates), and the driver gets plain tuples."""
+        keys = tuple(rows[0])
+        prepared = self._prepared.get((id(statement), keys))
+        if prepared is None:
+            prepared = self._prepared[(id(statement), keys)] = _Prepared.of(
+                statement, keys, conn.dialect
+            )
+        conn.exec_driver_sql(prepared.sql, [prepared.values(row) for row in rows])
 
     def _write_alone(self, write: _Write) -> None:
         try:

@@ -199,3 +199,28 @@ def test_the_server_keeps_the_write_ahead_log_small_from_a_thread(tmp_path: Path
     assert path.stat().st_size > before  # the log's pages reached the database file
     database.close()
     assert len(rows(database, "SELECT id FROM runs")) == 200
+
+
+async def test_group_commit_stores_exactly_what_a_plain_write_stores(database: Database) -> None:
+    """The group commit hands the driver values it converted itself (JSON, dates): the
+    stored text must be the same as through SQLAlchemy's own path, or sorting by time and
+    reading back would differ between runs written one way and the other."""
+    history = RunHistory(database)
+    plain, grouped = finished("plain"), finished("grouped")
+    at = datetime(2026, 3, 1, 7, 0, 0, 250000, tzinfo=UTC)
+    for record in (plain, grouped):
+        record.outputs = {"when": at, "none": None}
+        record.started_at = record.finished_at = at
+        for step in record.steps:
+            step.started_at = at
+    history.record(plain)
+    await asyncio.gather(
+        history.write_finished(grouped, started_written=False),
+        history.write_finished(finished("other"), started_written=False),
+    )
+    by_id = {row[0]: row[1:] for row in rows(database, "SELECT * FROM runs")}
+    assert by_id["grouped"] == by_id["plain"]
+    steps = rows(database, "SELECT run_id, seq, started_at, request, outputs FROM run_steps")
+    plain_steps = [row[1:] for row in steps if row[0] == "plain"]
+    assert [row[1:] for row in steps if row[0] == "grouped"] == plain_steps
+    database.close()
