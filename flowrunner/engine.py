@@ -261,9 +261,11 @@ class Engine:
                 record.status = StepStatus.SKIPPED
                 scope.steps[step.id] = step_result()
                 return
-            timeout = step.timeout.total_seconds() if step.timeout else None
-            async with asyncio.timeout(timeout):
+            if step.timeout is None:
                 result, message = await self._dispatch(step, scope, run, path, call)
+            else:
+                async with asyncio.timeout(step.timeout.total_seconds()):
+                    result, message = await self._dispatch(step, scope, run, path, call)
             record.message = message
             record.outputs = run.excerpt(result["outputs"]) if result["outputs"] else None
             scope.steps[step.id] = result

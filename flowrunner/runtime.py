@@ -7,6 +7,7 @@ internals: nested steps run through :meth:`RunContext.run_steps`, which the engi
 from __future__ import annotations
 
 import enum
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+import orjson
 
 from flowrunner.errors import FlowrunnerError
 from flowrunner.expressions import compile_template, condition_source, render
@@ -136,9 +138,13 @@ class RunContext:
             suffix = f"... ({len(value)} characters)" if len(value) > self.excerpt_limit else ""
             return text + suffix
         masked = self.masker.mask_value(value)
-        import json
-
-        text = json.dumps(masked, default=str, ensure_ascii=False)
+        try:
+            encoded = orjson.dumps(masked, default=str, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # an integer beyond 64 bits
+            encoded = json.dumps(masked, default=str, ensure_ascii=False).encode()
+        if len(encoded) <= self.excerpt_limit:  # bytes: never fewer than characters
+            return masked
+        text = encoded.decode()
         if len(text) > self.excerpt_limit:
             return text[: self.excerpt_limit] + f"... ({len(text)} characters)"
         return masked

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
+import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -270,6 +271,10 @@ def parse_body(response: WireResponse) -> Any:
     text = response.text
     if "json" in response.headers.get("Content-Type", "").lower() and text.strip():
         try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+        try:  # what orjson refuses but Python reads: NaN, integers beyond 64 bits
             return json.loads(text)
         except ValueError:
             return text

@@ -1,0 +1,37 @@
+"""How an http step reads a response body: JSON when the content type says so."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from flowrunner.steps.http import parse_body
+from flowrunner.wire import WireRequest, WireResponse
+
+
+def response(body: bytes, content_type: str) -> WireResponse:
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": content_type}))
+    request = WireRequest("GET", URL("http://127.0.0.1/x"), CIMultiDict())
+    return WireResponse(200, headers, body, None, request.url, request)
+
+
+def test_json_is_parsed_whatever_the_letter_case_of_its_content_type() -> None:
+    assert parse_body(response(b'{"id": 7, "tags": ["a"]}', "Application/JSON")) == {
+        "id": 7,
+        "tags": ["a"],
+    }
+
+
+def test_json_that_python_reads_but_strict_parsers_refuse_is_still_parsed() -> None:
+    """NaN and integers beyond 64 bits are not strict JSON; APIs send them anyway."""
+    assert parse_body(response(b'{"id": 123456789012345678901234567890}', "application/json")) == {
+        "id": 123456789012345678901234567890
+    }
+    parsed = parse_body(response(b'{"ratio": NaN}', "application/json"))
+    assert isinstance(parsed, dict) and parsed["ratio"] != parsed["ratio"]
+
+
+def test_a_body_that_is_not_json_stays_text() -> None:
+    assert parse_body(response(b"<html>oops</html>", "application/json")) == "<html>oops</html>"
+    assert parse_body(response(b'{"id": 7}', "text/plain")) == '{"id": 7}'
+    assert parse_body(response(b"  ", "application/json")) == "  "
