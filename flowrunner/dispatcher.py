@@ -141,17 +141,17 @@ class Dispatcher:
 
     async def wait_for(self, run_id: str, seconds: float) -> RunRecord | None:
         """The finished run, or None if it is still going after ``seconds``."""
-        # A run in flight here has not finished; nor has one with an intake row. The
-        # history is read only for the others (a duplicate of a finished run), as its
-        # look-up by id prefix scans the runs table.
-        if run_id not in self._tasks and self.queue.status(run_id) is None:
-            done = self.history.get_run(run_id)
+        # A run in flight here has not finished. Any other (queued, or a duplicate of a
+        # run that may have ended) is looked up in the history by its exact id.
+        if run_id not in self._tasks:
+            done = self.history.get_run(run_id, exact=True)
             if done is not None and done.status not in (RunStatus.RUNNING, RunStatus.QUEUED):
                 return done
         future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), seconds)
+            async with asyncio.timeout(seconds):
+                return await future
         except TimeoutError:
             return None
         finally:

@@ -109,9 +109,12 @@ class RunHistory:
         with self.engine.connect() as conn:
             return [_run(row._mapping) for row in conn.execute(query)]
 
-    def get_run(self, run_id: str) -> RunRecord | None:
+    def get_run(self, run_id: str, exact: bool = False) -> RunRecord | None:
+        """The run whose id is ``run_id``, or (unless ``exact``) starts with it, as users
+        type the first characters of an id; the prefix look-up scans the table."""
+        match = runs.c.id == run_id if exact else runs.c.id.startswith(run_id)
         with self.engine.connect() as conn:
-            row = conn.execute(select(runs).where(runs.c.id.startswith(run_id))).first()
+            row = conn.execute(select(runs).where(match)).first()
             if row is None:
                 return None
             run = _run(row._mapping)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -277,6 +278,7 @@ async def test_runs_cut_short_by_a_crash_are_marked_interrupted_or_restarted(
     (restarted,) = [r for r in runs if r.id not in (kept, redone)]
     assert (restarted.flow, restarted.status) == ("again", "succeeded")
     assert restarted.trigger["body"] == {"marker": "again"}
+    assert served.table("run_queue") == []
 
 
 async def test_a_run_killed_before_its_history_was_written_is_interrupted(
@@ -298,7 +300,6 @@ async def test_a_run_killed_before_its_history_was_written_is_interrupted(
     (restarted,) = [r for r in runs if r.id not in (kept, redone)]
     assert (restarted.flow, restarted.status) == ("again", "succeeded")
     assert served.table("run_queue") == []
-    assert served.table("run_queue") == []
 
 
 async def test_a_run_that_finished_just_before_a_crash_is_left_as_it_was(
@@ -312,6 +313,25 @@ async def test_a_run_that_finished_just_before_a_crash_is_left_as_it_was(
     runs = await served.quiet()
     assert [(r.id, r.status) for r in runs] == [(done, "succeeded")]
     assert served.table("run_queue") == []
+
+
+async def test_waiting_for_a_finished_run_whose_intake_row_remains_answers_at_once(
+    restart_project: Path, serve: ServeFactory
+) -> None:
+    """A finished run's intake row is removed a moment after its history is written; a
+    `respond: wait` webhook (a duplicate, say) that asks in between gets the finished run,
+    not a wait until its timeout."""
+    served = await serve(restart_project, paused=True)
+    queue, history = served.server.dispatcher.queue, served.server.runtime.history
+    now = datetime.now(UTC)
+    run = QueuedRun(str(uuid.uuid4()), "keep", {"kind": "webhook"}, {}, None, now)
+    queue.enqueue_now(run)
+    assert queue.claim(run.id)
+    history.record(RunRecord(run.id, "keep", "succeeded", {}, {}, now, now))
+    started = time.monotonic()
+    record = await served.server.dispatcher.wait_for(run.id, 5)
+    assert record is not None and record.status == "succeeded"
+    assert time.monotonic() - started < 1
 
 
 async def test_a_stop_that_outlasts_the_grace_marks_runs_interrupted(
