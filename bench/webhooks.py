@@ -526,12 +526,17 @@ def summarise_collapsed(text: str, top: int) -> str:
 
 
 _AREAS = (
+    ("flowrunner/store/batch.py", "state store: group commit (intake, history, queue)"),
+    ("flowrunner/store/database.py", "state store: group commit (intake, history, queue)"),
     ("flowrunner/store/queue.py", "state store: run queue (intake, claim, finish)"),
     ("flowrunner/store/runs.py", "state store: run history"),
     ("flowrunner/history.py", "state store: run history"),
     ("flowrunner/dispatcher.py", "dispatcher"),
     ("flowrunner/webhooks.py", "webhook intake"),
     ("flowrunner/steps/http.py", "http step"),
+    ("flowrunner/wire.py", "http step: the wire (aiohttp requests)"),
+    ("flowrunner/engine.py", "engine"),
+    ("flowrunner/runtime.py", "engine"),
     ("flowrunner/expressions.py", "expressions"),
     ("flowrunner/auth", "auth profiles"),
     ("flowrunner/secrets.py", "secrets and masking"),
