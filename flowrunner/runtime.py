@@ -7,7 +7,6 @@ internals: nested steps run through :meth:`RunContext.run_steps`, which the engi
 from __future__ import annotations
 
 import enum
-import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,8 +14,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
-import orjson
 
+from flowrunner import jsontext
 from flowrunner.errors import FlowrunnerError
 from flowrunner.expressions import compile_template, condition_source, render
 from flowrunner.secrets import Masker
@@ -138,10 +137,7 @@ class RunContext:
             suffix = f"... ({len(value)} characters)" if len(value) > self.excerpt_limit else ""
             return text + suffix
         masked = self.masker.mask_value(value)
-        try:
-            encoded = orjson.dumps(masked, default=str, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError:  # an integer beyond 64 bits
-            encoded = json.dumps(masked, default=str, ensure_ascii=False).encode()
+        encoded = jsontext.dumps_bytes(masked)
         if len(encoded) <= self.excerpt_limit:  # bytes: never fewer than characters
             return masked
         text = encoded.decode()

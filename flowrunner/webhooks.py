@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from flowrunner import jsontext
 from flowrunner.dispatcher import Dispatcher, Submitted
 from flowrunner.errors import ExpressionError, FlowrunnerError
 from flowrunner.expressions import render, to_text
@@ -197,7 +197,7 @@ def parse_body(content_type: str, raw: bytes) -> Any:
         raise Refused(400, "the body is not UTF-8 text") from None
     if "json" in content_type:
         try:
-            return json.loads(text)
+            return jsontext.loads(text)
         except ValueError as exc:
             raise Refused(400, f"the body is not valid JSON: {exc}") from None
     if "application/x-www-form-urlencoded" in content_type:

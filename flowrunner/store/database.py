@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import Engine, create_engine, event, select
 
+from flowrunner import jsontext
 from flowrunner.errors import ConfigurationError
 from flowrunner.store.batch import WriteBatcher
 from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
@@ -95,13 +94,8 @@ class Database:
 
 
 def _json_dumps(value: Any) -> str:
-    # orjson: the history writes a dozen JSON columns per run, and the standard encoder
-    # was a third of the cost of writing them. It refuses what JSON cannot hold exactly
-    # (integers beyond 64 bits): those take the standard path.
-    try:
-        return orjson.dumps(value, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
-    except TypeError:
-        return json.dumps(value, default=_json_default, ensure_ascii=False)
+    # The history writes a dozen JSON columns per run: orjson, see flowrunner.jsontext.
+    return jsontext.dumps(value, _json_default)
 
 
 def _json_default(value: Any) -> Any:

@@ -1,0 +1,43 @@
+"""JSON text in and out: orjson where it gives what Python's json module gives, which is
+several times faster on the paths every run takes (webhook bodies, response bodies, the
+history's columns); Python's json for the rest.
+
+orjson reads an integer beyond 64 bits as a float (an id would lose digits) and refuses
+NaN and lone surrogates, which Python reads; it cannot write an integer beyond 64 bits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+# 19 digits in a row may be an integer beyond 64 bits: Python's reader keeps it exact.
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def loads(text: str) -> Any:
+    """``json.loads(text)``: the same value, and for invalid JSON the same ValueError
+    (its message says where the text went wrong)."""
+    if _LONG_NUMBER.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # invalid, or only Python reads it: Python decides, and explains
+    return json.loads(text)
+
+
+def dumps_bytes(value: Any, default: Callable[[Any], Any] = str) -> bytes:
+    """UTF-8 JSON of ``value`` (non-ASCII characters as they are, keys made text);
+    ``default`` converts what JSON has no type for."""
+    try:
+        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # an integer beyond 64 bits
+        return json.dumps(value, default=default, ensure_ascii=False).encode()
+
+
+def dumps(value: Any, default: Callable[[Any], Any] = str) -> str:
+    return dumps_bytes(value, default).decode()

@@ -1,0 +1,48 @@
+"""flowrunner.jsontext reads and writes JSON exactly as Python's json module would."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from flowrunner import jsontext
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": 7, "name": "Ada", "tags": ["a", "b"], "price": 12.5, "ok": true, "none": null}',
+        '{"id": 123456789012345678901234567890}',
+        '{"id": -9223372036854775809}',
+        '{"ratio": 0.1234567890123456789}',
+        '"caf\\u00e9 \\ud83d\\ude00"',
+        '{"a": 1, "a": 2}',
+        "[]",
+    ],
+)
+def test_loads_gives_what_json_gives(text: str) -> None:
+    assert jsontext.loads(text) == json.loads(text)
+    assert type(jsontext.loads(text)) is type(json.loads(text))
+
+
+def test_loads_reads_what_only_python_reads() -> None:
+    assert math.isnan(jsontext.loads('{"x": NaN}')["x"])
+    assert jsontext.loads('"\\ud800"') == "\ud800"
+
+
+@pytest.mark.parametrize("text", ["{", '{"a": }', "", "nope"])
+def test_invalid_json_raises_json_s_error_with_its_position(text: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        jsontext.loads(text)
+    with pytest.raises(ValueError) as expected:
+        json.loads(text)
+    assert str(caught.value) == str(expected.value)
+
+
+def test_dumps_keeps_big_integers_non_ascii_and_converts_the_rest() -> None:
+    value = {"big": 2**70, "name": "café", 3: "three"}
+    assert json.loads(jsontext.dumps(value)) == {"big": 2**70, "name": "café", "3": "three"}
+    assert "café" in jsontext.dumps({"name": "café"})
+    assert json.loads(jsontext.dumps({"when": object()}, default=lambda _: "x")) == {"when": "x"}
