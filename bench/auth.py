@@ -9,11 +9,11 @@ CPUs), ``--concurrency`` at a time. Two levels, each measured in a fresh Python 
 
 - ``send``: the wire path of the http step. ``send:header`` is ``wire.send(request)``
   with the ``Authorization`` header set by hand; ``send:oauth2`` and ``send:bearer`` send
-  the same request with the auth flow that ``ProfileAuth.auth_for`` gives, through
+  the same request with the auth that ``ProfileAuth.auth_for`` gives, through
   ``send_with_auth`` (what the http step does for every attempt): for an oauth2 profile
-  whose token is in the state database (RefreshingAuth: the TokenManager's cache, the
-  header, status upkeep), and for a bearer profile (BearerAuth: the token, its expiry
-  check, the 401 watch);
+  whose token is in the state database (RefreshingAuth: the TokenManager's cached token
+  and its refresh deadline, the header, status upkeep), and for a bearer profile
+  (BearerAuth: the configured token read again, its expiry check, the 401 watch);
 - ``flow``: ``engine.run`` of a one-step flow, run history off. ``flow:header`` writes the
   header literally in ``headers:``; ``flow:oauth2`` / ``flow:bearer`` say ``auth:`` instead;
   ``flow:secret`` (for reference) writes ``Bearer ${{ secrets.BENCH_TOKEN }}``, a header
@@ -240,6 +240,8 @@ def _count(stats: dict[str, dict[str, int]], section: str) -> int:
 def run(args: argparse.Namespace) -> int:
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     token = secrets.token_urlsafe(32)
+    while token.startswith("-"):  # it goes on the upstream's command line
+        token = secrets.token_urlsafe(32)
     os.environ["FLOWRUNNER_SECRET_KEY"] = SECRET_KEY
     os.environ["BENCH_TOKEN"] = token
     workdir = Path(tempfile.mkdtemp(prefix="flowrunner-bench-auth-"))

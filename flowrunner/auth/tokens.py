@@ -44,6 +44,8 @@ CLOCK_SKEW = timedelta(seconds=30)
 # After a refresh ahead of expiry met a busy token endpoint, the still-valid token is used
 # for this long before the next attempt, so that every request does not wait on back-offs.
 BUSY_PAUSE_SECONDS = 30.0
+NEVER = datetime.max.replace(tzinfo=UTC)  # usable until: a token of unknown expiry
+ALREADY = datetime.min.replace(tzinfo=UTC)  # usable until: no usable token
 
 
 class InvalidGrant(Exception):
@@ -76,29 +78,18 @@ class TokenManager:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.holder = holder or lease_holder_id()
         self._cache: dict[str, Credential] = {}
+        # The token held for a profile, usable or not (a plain dict lookup: it is read
+        # for every request of an oauth2 or session profile).
+        self.cached: Callable[[str], Credential | None] = self._cache.get
         self._locks: dict[str, asyncio.Lock] = {}
         self._busy_until: dict[str, float] = {}
         self.refresh_count = 0
-
-    def cached(self, profile: str) -> Credential | None:
-        return self._cache.get(profile)
 
     def forget(self, profile: str) -> None:
         self._cache.pop(profile, None)
 
     def usable(self, credential: Credential | None, margin: timedelta) -> bool:
-        if credential is None or not credential.access_token:
-            return False
-        if credential.status in (ProfileStatus.NEEDS_LOGIN, ProfileStatus.REJECTED):
-            return False
-        expires = credential.access_expires_at
-        if expires is None:
-            return True
-        if credential.issued_at is not None:
-            # A margin as long as the token's life would refresh it on every request: at
-            # most half of that life is spent waiting for the refresh.
-            margin = max(timedelta(0), min(margin, (expires - credential.issued_at) / 2))
-        return expires - margin > self.clock()
+        return self.clock() < usable_until(credential, margin)
 
     async def credential(
         self,
@@ -264,6 +255,25 @@ class TokenManager:
         credential = replace(stored or Credential(profile), status=status, last_error=error)
         self.store.save(credential)
         self._cache.pop(profile, None)
+
+
+def usable_until(credential: Credential | None, margin: timedelta) -> datetime:
+    """The moment from which ``credential`` must no longer be used, ``margin`` ahead of its
+    expiry: ``NEVER`` for a token of unknown expiry, ``ALREADY`` for one that is missing,
+    spent or refused. It depends on the credential alone, which is never changed in place
+    (a new one replaces it), so it can be worked out once per credential."""
+    if credential is None or not credential.access_token:
+        return ALREADY
+    if credential.status in (ProfileStatus.NEEDS_LOGIN, ProfileStatus.REJECTED):
+        return ALREADY
+    expires = credential.access_expires_at
+    if expires is None:
+        return NEVER
+    if credential.issued_at is not None:
+        # A margin as long as the token's life would refresh it on every request: at
+        # most half of that life is spent waiting for the refresh.
+        margin = max(timedelta(0), min(margin, (expires - credential.issued_at) / 2))
+    return expires - margin
 
 
 def lease_holder_id() -> str:

@@ -10,16 +10,15 @@ import asyncio
 import email.utils
 import json
 import random
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
-import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
+from flowrunner import jsontext
 from flowrunner.expressions import to_text
 from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import IDEMPOTENT_METHODS, HttpStep, Retry
@@ -190,8 +189,13 @@ class HttpCall:
         self.sent(request)
         if self.run.dry_run:
             raise _DryRun()
-        # What the step built, before any auth flow adds its credential to the request.
-        built = _Built(request.headers.copy(), request.url) if auth_name else None
+        # What the step built, before any auth flow adds its credential to the request
+        # (what a redirect to another host must not carry).
+        built = (
+            _Built(request.headers.copy(), request.url)
+            if auth_name and spec.follow_redirects
+            else None
+        )
         attempt = 0
         while True:
             attempt += 1
@@ -246,7 +250,7 @@ class HttpCall:
         response = await send_with_auth(wire, request, auth, limit)
         if not spec.follow_redirects:
             return response
-        allowed = self.run.auth.profile(auth_name).default_hosts() if auth_name else []
+        allowed: list[str] | None = None  # the profile's hosts, read at the first redirect
         sent = response.request  # with the credential on
         for hop in range(MAX_REDIRECTS + 1):
             following = redirect_request(response)
@@ -254,9 +258,12 @@ class HttpCall:
                 return response
             if hop == MAX_REDIRECTS:
                 break
-            if auth is None or built is None:
+            if auth is None or built is None or auth_name is None:
                 response = await wire.send(following, limit)
-            elif host_allowed(following.url.host or "", allowed):
+                continue
+            if allowed is None:
+                allowed = self.run.auth.profile(auth_name).default_hosts()
+            if host_allowed(following.url.host or "", allowed):
                 response = await send_with_auth(wire, following, auth, limit)
             else:
                 _drop_credential(following, sent, built)
@@ -271,21 +278,11 @@ def parse_body(response: WireResponse) -> Any:
     """The body as text, or parsed JSON when the content type says JSON and it parses."""
     text = response.text
     if "json" in response.headers.get("Content-Type", "").lower() and text.strip():
-        # orjson is several times faster, but reads an integer beyond 64 bits as a float
-        # (an id would lose digits) and refuses NaN: Python's reader takes those.
-        if _LONG_NUMBER.search(text) is None:
-            try:
-                return orjson.loads(text)
-            except orjson.JSONDecodeError:
-                pass
         try:
-            return json.loads(text)
+            return jsontext.loads(text)
         except ValueError:
             return text
     return text
-
-
-_LONG_NUMBER = re.compile(r"\d{19}")
 
 
 class _Built:
