@@ -75,11 +75,13 @@ class Served:
             await asyncio.sleep(0.02)
 
     async def quiet(self, seconds: float = 10) -> list[RunRecord]:
-        """Every run once nothing is queued or running (bounded wait)."""
+        """Every run once nothing is queued, running or still to be written (a finished
+        run's intake row is removed with the next group commit), bounded."""
         await self.until(
             lambda: (
                 self.server.dispatcher.queue.depth() == 0
                 and self.server.dispatcher.in_flight == 0
+                and self.server.runtime.database.writes.pending == 0
                 and all(r.status in FINAL for r in self.runs())
             ),
             seconds,
