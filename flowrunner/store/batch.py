@@ -72,7 +72,7 @@ class WriteBatcher:
         self.engine = engine
         self._pending: list[_Write] = []
         self._scheduled: asyncio.Handle | None = None
-        self._prepared: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
+        self._prepared: dict[tuple[Executable, tuple[str, ...]], _Prepared] = {}
 
     def submit(
         self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
@@ -116,18 +116,9 @@ class WriteBatcher:
         if len(writes) == 1 and writes[0].alone is not None:
             self._write_alone(writes[0])
             return
-        groups: dict[tuple[int, int], tuple[Executable, list[dict[str, Any]]]] = {}
-        for write in writes:
-            for order, statement, row in write.rows:
-                key = (order, id(statement))
-                if key not in groups:
-                    groups[key] = (statement, [])
-                groups[key][1].append(row)
         try:
             with self.engine.begin() as conn:
-                for key in sorted(groups):
-                    statement, many = groups[key]
-                    self._execute_many(conn, statement, many)
+                self._execute_rows(conn, [row for write in writes for row in write.rows])
         except Exception:
             if len(writes) == 1:
                 self._write_alone(writes[0])
@@ -140,29 +131,40 @@ class WriteBatcher:
             if write.future is not None and not write.future.done():
                 write.future.set_result(None)
 
+    def write_now(self, rows: Sequence[Row]) -> None:
+        """Write ``rows`` now, in a transaction of their own (outside the group commits:
+        the synchronous paths, such as recovery at start-up)."""
+        with self.engine.begin() as conn:
+            self._execute_rows(conn, rows)
+
+    def _execute_rows(self, conn: Connection, rows: Sequence[Row]) -> None:
+        """One ``executemany`` per statement, in the rows' order (INSERT before CHILD...)."""
+        groups: dict[tuple[int, Executable], list[dict[str, Any]]] = {}
+        for order, statement, row in rows:
+            groups.setdefault((order, statement), []).append(row)
+        for (_, statement), many in sorted(groups.items(), key=lambda group: group[0][0]):
+            self._execute_many(conn, statement, many)
+
     def _execute_many(
         self, conn: Connection, statement: Executable, rows: list[dict[str, Any]]
     ) -> None:
         """``conn.execute(statement, rows)``, minus SQLAlchemy's per-row bookkeeping: the
         statement is compiled once for these columns, each value goes through its column
         type's own bind processor (JSON, dates), and the driver gets plain tuples."""
-        keys = tuple(rows[0])
-        prepared = self._prepared.get((id(statement), keys))
+        key = (statement, tuple(rows[0]))
+        prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[(id(statement), keys)] = _Prepared.of(
-                statement, keys, conn.dialect
-            )
+            prepared = self._prepared[key] = _Prepared.of(statement, key[1], conn.dialect)
         conn.exec_driver_sql(prepared.sql, [prepared.values(row) for row in rows])
 
     def _write_alone(self, write: _Write) -> None:
         try:
             with self.engine.begin() as conn:
+                result = None
                 if write.alone is not None:
                     result = write.alone(conn)
                 else:
-                    result = None
-                    for _, statement, params in sorted(write.rows, key=lambda row: row[0]):
-                        conn.execute(statement, params)
+                    self._execute_rows(conn, write.rows)
         except Exception as exc:
             if write.future is None:
                 log.exception("a deferred write to the state store failed")

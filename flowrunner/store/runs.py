@@ -77,20 +77,15 @@ class RunHistory:
         self.writes = database.writes
 
     def record_started(self, run: RunRecord) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(_INSERT_RUN, _run_row(run))
+        self.writes.write_now([(INSERT, _INSERT_RUN, _run_row(run))])
 
     def record(self, run: RunRecord) -> None:
         """A whole run (refused at intake, or found dead at start) in one transaction."""
-        with self.engine.begin() as conn:
-            for _, statement, params in finished_rows(run, started_written=False):
-                conn.execute(statement, params)
+        self.writes.write_now(finished_rows(run, started_written=False))
 
     def record_finished(self, run: RunRecord) -> None:
         """Steps and the final status in one transaction: one write per run, not per step."""
-        with self.engine.begin() as conn:
-            for _, statement, params in finished_rows(run, started_written=True):
-                conn.execute(statement, params)
+        self.writes.write_now(finished_rows(run, started_written=True))
 
     def write_started(self, run: RunRecord) -> None:
         """The run's row, with the next group commit; nobody waits for it."""
