@@ -166,8 +166,8 @@ class Dispatcher:
     def recover(self) -> None:
         """After a crash: runs that were mid-flight are marked interrupted, and restarted
         when their flow says so; queued runs simply start again."""
-        for queued in self.queue.requeue_abandoned():
-            record = self.history.get_run(queued.id)
+        for queued in self.queue.abandoned():
+            record = self.history.get_run(queued.id, exact=True)
             if record is not None and record.status not in (
                 RunStatus.RUNNING,
                 RunStatus.INTERRUPTED,

@@ -258,22 +258,15 @@ class RunQueue:
             ).scalar()
         return int(value or 0)
 
-    def requeue_abandoned(self, node: str | None = None) -> list[QueuedRun]:
-        """Runs claimed by a process that died (this node's, on start): back to queued.
-        Returns them so the caller can mark them ``interrupted`` (a run is claimed only
-        as it starts, so a claimed run was in flight)."""
-        with self.engine.begin() as conn:
-            query = select(run_queue).where(run_queue.c.status == "running")
-            if node is not None:
-                query = query.where(run_queue.c.node == node)
-            found = [self._queued(row) for row in conn.execute(query)]
-            if found:
-                conn.execute(
-                    update(run_queue)
-                    .where(run_queue.c.id.in_([run.id for run in found]))
-                    .values(status="queued", node=None, claimed_at=None)
-                )
-        return found
+    def abandoned(self, node: str | None = None) -> list[QueuedRun]:
+        """Runs claimed by a process that died (this node's, on start). A run is claimed
+        only as it starts, so each was in flight: the caller records it as interrupted and
+        removes its row (a crash during that leaves the row claimed, for the next start)."""
+        query = select(run_queue).where(run_queue.c.status == "running")
+        if node is not None:
+            query = query.where(run_queue.c.node == node)
+        with self.engine.connect() as conn:
+            return [self._queued(row) for row in conn.execute(query)]
 
     def purge_expired_keys(self) -> int:
         with self.engine.begin() as conn:
