@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from flowrunner import jsontext
 from flowrunner.errors import FlowrunnerError
 from flowrunner.expressions import compile_template, condition_source, render
 from flowrunner.secrets import Masker
@@ -128,7 +127,8 @@ class RunContext:
             self.on_step(record)
 
     def excerpt(self, value: Any) -> Any:
-        """A bounded, masked copy of a body for the history."""
+        """A bounded, masked form of a body for the history (the value itself when it is
+        small and holds no secret)."""
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
         if isinstance(value, str):
@@ -136,11 +136,7 @@ class RunContext:
             text = self.masker.mask(value)[: self.excerpt_limit]
             suffix = f"... ({len(value)} characters)" if len(value) > self.excerpt_limit else ""
             return text + suffix
-        masked = self.masker.mask_value(value)
-        encoded = jsontext.dumps_bytes(masked)
-        if len(encoded) <= self.excerpt_limit:  # bytes: never fewer than characters
-            return masked
-        text = encoded.decode()
+        masked, text = self.masker.mask_with_text(value)
         if len(text) > self.excerpt_limit:
             return text[: self.excerpt_limit] + f"... ({len(text)} characters)"
         return masked

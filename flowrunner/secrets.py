@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
+from flowrunner import jsontext
 from flowrunner.errors import ExpressionError
 
 MASK = "***"
@@ -62,34 +63,58 @@ class Masker:
     def __init__(self) -> None:
         self._values: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._shortest = 0  # text shorter than every form of every secret holds none
 
     def add(self, value: object) -> None:
         if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH or value in self._values:
             return
         new = encoded_forms(value) - self._values
         if new:
+            shortest = min(len(form) for form in new)
+            self._shortest = min(self._shortest, shortest) if self._values else shortest
             self._values |= new
             self._pattern = None
 
     def __contains__(self, value: str) -> bool:
         return value in self._values
 
-    def mask(self, text: str) -> str:
-        if not self._values or not text:
-            return text
+    def _compiled(self) -> re.Pattern[str]:
         if self._pattern is None:
             ordered = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
-        return self._pattern.sub(MASK, text)
+        return self._pattern
+
+    def mask(self, text: str) -> str:
+        if not self._values or len(text) < self._shortest:
+            return text
+        return self._compiled().sub(MASK, text)
 
     def mask_value(self, value: object) -> object:
-        """Mask every string inside a JSON-like value."""
+        """Mask every string inside a JSON-like value. A value that holds no secret is
+        given back as it is, not copied."""
+        if isinstance(value, str):
+            return self.mask(value)
+        return self.mask_with_text(value)[0]
+
+    def mask_with_text(self, value: object) -> tuple[object, str]:
+        """The masked value and its JSON text. One search over the text tells whether a
+        secret is in it at all: a string appears there with the escapes of its JSON form,
+        which is one of the forms masked."""
+        text = jsontext.dumps(value)
+        if not self._values or not isinstance(value, dict | list | tuple):
+            return value, text
+        if self._compiled().search(text) is None:
+            return value, text
+        masked = self._mask_walk(value)
+        return masked, jsontext.dumps(masked)
+
+    def _mask_walk(self, value: object) -> object:
         if isinstance(value, str):
             return self.mask(value)
         if isinstance(value, dict):
-            return {self.mask(str(k)): self.mask_value(v) for k, v in value.items()}
+            return {self.mask(str(k)): self._mask_walk(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [self.mask_value(v) for v in value]
+            return [self._mask_walk(v) for v in value]
         return value
 
     def contains_secret(self, text: str) -> bool:
