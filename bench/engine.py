@@ -310,12 +310,16 @@ def _history_rows(engine: Any) -> dict[str, int]:
     """How many runs and steps the history holds (checked by the parent)."""
     from sqlalchemy import func, select
 
-    from flowrunner.store.schema import run_steps, runs
+    from flowrunner.store.schema import runs
 
     with engine.connect() as conn:
         return {
             "runs": int(conn.execute(select(func.count()).select_from(runs)).scalar_one()),
-            "steps": int(conn.execute(select(func.count()).select_from(run_steps)).scalar_one()),
+            "steps": int(
+                conn.exec_driver_sql(
+                    "SELECT coalesce(sum(json_array_length(steps)), 0) FROM runs"
+                ).scalar_one()
+            ),
         }
 
 

@@ -83,7 +83,11 @@ class Database:
                     f"flowrunner ({LATEST_VERSION}); upgrade flowrunner"
                 )
             for version in range(current, LATEST_VERSION):
-                metadata.create_all(conn, tables=MIGRATIONS[version])
+                migration = MIGRATIONS[version]
+                if callable(migration):
+                    migration(conn)
+                else:
+                    metadata.create_all(conn, tables=migration)
                 conn.execute(schema_version.update().values(version=version + 1))
 
     def close(self) -> None:

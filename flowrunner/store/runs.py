@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 
-from flowrunner.store.batch import CHILD, INSERT, UPDATE, Row
+from flowrunner.store.batch import INSERT, UPDATE, Row
 from flowrunner.store.database import Database
 from flowrunner.store.schema import run_steps, runs
 
@@ -57,7 +57,7 @@ _STEP_COLUMNS = (
 # Built once: every run writes these, and building a statement per call costs more than
 # running it.
 _INSERT_RUN = insert(runs)
-_INSERT_STEPS = insert(run_steps)
+_LISTED = [column for column in runs.c if column.name != "steps"]  # a list needs no steps
 _FINISH_RUN = (
     update(runs)
     .where(runs.c.id == bindparam("run_key"))
@@ -67,6 +67,7 @@ _FINISH_RUN = (
         outputs=bindparam("outputs"),
         response=bindparam("response"),
         error=bindparam("error"),
+        steps=bindparam("steps"),
     )
 )
 
@@ -98,7 +99,7 @@ class RunHistory:
         return self.writes.submit(finished_rows(run, started_written))
 
     def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:
-        query = select(runs).order_by(runs.c.started_at.desc()).limit(limit)
+        query = select(*_LISTED).order_by(runs.c.started_at.desc()).limit(limit)
         if flow:
             query = query.where(runs.c.flow == flow)
         with self.engine.connect() as conn:
@@ -113,10 +114,13 @@ class RunHistory:
             if row is None:
                 return None
             run = _run(row._mapping)
-            steps = conn.execute(
-                select(run_steps).where(run_steps.c.run_id == run.id).order_by(run_steps.c.seq)
-            )
-            run.steps = [_step(s._mapping) for s in steps]
+            if row.steps is not None:
+                run.steps = [_step_of_json(step) for step in row.steps]
+            else:  # written before schema 5, or still running
+                steps = conn.execute(
+                    select(run_steps).where(run_steps.c.run_id == run.id).order_by(run_steps.c.seq)
+                )
+                run.steps = [_step(s._mapping) for s in steps]
             return run
 
     def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
@@ -155,12 +159,18 @@ def _run_row(run: RunRecord) -> dict[str, Any]:
         "parent_id": run.parent_id,
         "started_at": run.started_at,
         "finished_at": run.finished_at,
+        "steps": _steps_json(run.steps),
     }
 
 
+def _steps_json(steps: list[StepRecord]) -> list[dict[str, Any]]:
+    """The steps as the ``steps`` column keeps them (times become ISO text)."""
+    return [{c: getattr(s, c) for c in _STEP_COLUMNS} for s in steps]
+
+
 def finished_rows(run: RunRecord, started_written: bool) -> list[Row]:
-    """What recording a finished run writes: its row (inserted whole, or updated if its
-    start was written), then its steps."""
+    """What recording a finished run writes: its row, steps included (inserted whole, or
+    updated if its start was written)."""
     rows: list[Row] = []
     if started_written:
         rows.append(
@@ -174,21 +184,25 @@ def finished_rows(run: RunRecord, started_written: bool) -> list[Row]:
                     "outputs": run.outputs,
                     "response": run.response,
                     "error": run.error,
+                    "steps": _steps_json(run.steps),
                 },
             )
         )
     else:
         rows.append((INSERT, _INSERT_RUN, _run_row(run)))
-    rows.extend(
-        (CHILD, _INSERT_STEPS, {"run_id": run.id, **{c: getattr(s, c) for c in _STEP_COLUMNS}})
-        for s in run.steps
-    )
     return rows
 
 
 def _utc(value: datetime) -> datetime:
     """SQLite keeps no time zone: the times written are UTC, so read them back as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _step_of_json(data: dict[str, Any]) -> StepRecord:
+    fields: dict[str, Any] = {c: data.get(c) for c in _STEP_COLUMNS}
+    step = StepRecord(**fields)
+    step.started_at = _utc(datetime.fromisoformat(data["started_at"]))
+    return step
 
 
 def _step(row: Any) -> StepRecord:

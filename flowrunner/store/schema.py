@@ -1,14 +1,17 @@
 """Tables, and the migrations that create them, in order.
 
-Each migration is a list of tables to create or SQL to run; the version reached is kept
+Each migration is a list of tables to create or a function to run; the version reached is kept
 in ``schema_version`` so that an older database is brought forward on open.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +21,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
+    text,
 )
 
 metadata = MetaData()
@@ -43,10 +48,14 @@ runs = Table(
     Column("parent_id", String(36)),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    # Every step of the run, in order (schema 5 on): a run is one row, written once.
+    # Runs written before keep their steps in run_steps.
+    Column("steps", JSON),
     Index("ix_runs_flow_started", "flow", "started_at"),
     Index("ix_runs_started", "started_at"),
 )
 
+# The steps of runs written before schema 5; read, never written.
 run_steps = Table(
     "run_steps",
     metadata,
@@ -160,11 +169,23 @@ alert_state = Table(
     Column("at", DateTime(timezone=True), nullable=False),
 )
 
-# Version -> tables created by that migration. Append; never edit a released entry.
-MIGRATIONS: list[list[Table]] = [
+
+def _add_run_steps_column(conn: Connection) -> None:
+    """Schema 5: a run's steps in a column of its row. A database created at 5 or later
+    already has it (create_all makes tables as they are now)."""
+    if "steps" not in {column["name"] for column in inspect(conn).get_columns("runs")}:
+        conn.execute(text("ALTER TABLE runs ADD COLUMN steps JSON"))
+
+
+Migration = list[Table] | Callable[[Connection], None]
+
+# Version -> what that migration does: tables to create, or a function to run. Append;
+# never edit a released entry.
+MIGRATIONS: list[Migration] = [
     [runs, run_steps],
     [credentials],
     [run_queue, dedupe_keys],
     [reminders_sent, outbox, alert_state],
+    _add_run_steps_column,
 ]
 LATEST_VERSION = len(MIGRATIONS)

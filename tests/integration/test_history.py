@@ -214,3 +214,50 @@ async def test_dry_run_is_not_recorded(write_project: ProjectWriter, upstream: U
     finally:
         await runtime.aclose()
     assert upstream.state.count(key) == 0
+
+
+def test_runs_written_before_schema_5_keep_their_steps(tmp_path: Path) -> None:
+    """Schema 5 moved a run's steps into its row. A database from before is brought
+    forward on open: its old runs still read back with their steps, and new runs are
+    written the new way."""
+    from flowrunner.store.database import Database
+    from flowrunner.store.runs import RunHistory, StepRecord
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    database = Database.open(url)
+    with database.engine.begin() as conn:  # make it a version 4 database with one old run
+        conn.exec_driver_sql("ALTER TABLE runs DROP COLUMN steps")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 4")
+        conn.exec_driver_sql(
+            'INSERT INTO runs (id, flow, status, "trigger", inputs, started_at) '
+            "VALUES ('old-run', 'fetch', 'succeeded', '{}', '{}', '2026-01-02 03:04:05.000000')"
+        )
+        for seq, path in enumerate(["get", "note"]):
+            conn.exec_driver_sql(
+                "INSERT INTO run_steps (run_id, seq, path, kind, status, attempts, outputs, "
+                "started_at, duration_ms) VALUES ('old-run', ?, ?, 'http', 'succeeded', 1, "
+                "'{\"calls\": 2}', '2026-01-02 03:04:05.000000', 1.5)",
+                (seq, path),
+            )
+    database.close()
+
+    database = Database.open(url)
+    history = RunHistory(database)
+    old = history.get_run("old-run")
+    assert old is not None
+    assert [(s.seq, s.path, s.outputs) for s in old.steps] == [
+        (0, "get", {"calls": 2}),
+        (1, "note", {"calls": 2}),
+    ]
+    assert old.steps[0].started_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    now = datetime(2026, 2, 1, 8, 0, 0, 120000, tzinfo=UTC)
+    new = RunRecord("new-run", "fetch", "succeeded", {}, {}, now, now)
+    new.steps = [StepRecord(0, "get", "http", "succeeded", now, 2.0, attempts=1)]
+    history.record(new)
+    read = history.get_run("new-run")
+    assert read is not None and read.steps == new.steps
+    with database.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM run_steps").scalar_one() == 2
+        assert conn.exec_driver_sql("SELECT version FROM schema_version").scalar_one() == 5
+    database.close()
