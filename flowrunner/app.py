@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -149,3 +150,15 @@ def build_runtime(
     # The reminders follow the project the runtime holds, which serve swaps on reload.
     runtime.reminders.project = lambda: runtime.project
     return runtime
+
+
+def freeze_startup_heap() -> None:
+    """Set what start-up built (modules, the loaded project, compiled expressions) aside
+    from the garbage collector, once it is built and before the first run.
+
+    These objects live as long as the process, and every full collection would walk them
+    all again: tens of milliseconds during which no run, webhook or schedule moves, once
+    every few thousand runs. Frozen objects are still freed when nothing refers to them;
+    only reference cycles among them (a project replaced by a reload) stay until exit."""
+    gc.collect()
+    gc.freeze()

@@ -57,6 +57,14 @@ def encoded_forms(value: str) -> frozenset[str]:
     return frozenset(forms)
 
 
+@functools.lru_cache(maxsize=256)
+def _pattern_of(values: frozenset[str]) -> re.Pattern[str]:
+    """One pattern for these forms, longest first. Cached: each run has its own masker,
+    and most register the same credentials as the run before."""
+    ordered = sorted(values, key=len, reverse=True)
+    return re.compile("|".join(re.escape(v) for v in ordered))
+
+
 class Masker:
     """Replaces registered secret values in text, including inside longer strings."""
 
@@ -80,8 +88,7 @@ class Masker:
 
     def _compiled(self) -> re.Pattern[str]:
         if self._pattern is None:
-            ordered = sorted(self._values, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+            self._pattern = _pattern_of(frozenset(self._values))
         return self._pattern
 
     def mask(self, text: str) -> str:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Engine
+from sqlalchemy import Connection, Dialect, Engine, PoolProxiedConnection
 from sqlalchemy.sql import Executable
 
 log = logging.getLogger("flowrunner.store")
@@ -29,6 +30,10 @@ log = logging.getLogger("flowrunner.store")
 INSERT, UPDATE, CHILD, DELETE = 0, 1, 2, 3
 
 Row = tuple[int, Executable, dict[str, Any]]
+
+
+def _by_order(group: tuple[tuple[int, Executable], list[dict[str, Any]]]) -> int:
+    return group[0][0]
 
 
 @dataclass
@@ -73,6 +78,9 @@ class WriteBatcher:
         self._pending: list[_Write] = []
         self._scheduled: asyncio.Handle | None = None
         self._prepared: dict[tuple[Executable, tuple[str, ...]], _Prepared] = {}
+        self._connection: PoolProxiedConnection | None = None
+        # Writes come from the event loop, and synchronous paths may come from elsewhere.
+        self._lock = threading.Lock()
 
     def submit(
         self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
@@ -113,17 +121,11 @@ class WriteBatcher:
         writes, self._pending = self._pending, []
         if not writes:
             return
-        if len(writes) == 1 and writes[0].alone is not None:
-            self._write_alone(writes[0])
-            return
         try:
-            with self.engine.begin() as conn:
-                self._execute_rows(conn, [row for write in writes for row in write.rows])
+            self._commit([row for write in writes for row in write.rows])
         except Exception:
-            if len(writes) == 1:
-                self._write_alone(writes[0])
-                return
-            log.debug("a group commit failed; writing its %d writes one by one", len(writes))
+            if len(writes) > 1:
+                log.debug("a group commit failed; writing its %d writes one by one", len(writes))
             for write in writes:
                 self._write_alone(write)
             return
@@ -134,37 +136,70 @@ class WriteBatcher:
     def write_now(self, rows: Sequence[Row]) -> None:
         """Write ``rows`` now, in a transaction of their own (outside the group commits:
         the synchronous paths, such as recovery at start-up)."""
-        with self.engine.begin() as conn:
-            self._execute_rows(conn, rows)
+        self._commit(rows)
 
-    def _execute_rows(self, conn: Connection, rows: Sequence[Row]) -> None:
-        """One ``executemany`` per statement, in the rows' order (INSERT before CHILD...)."""
+    def close(self) -> None:
+        """Commit what is pending and give the connection back to the pool."""
+        self.flush()
+        with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.close()
+
+    def _commit(self, rows: Sequence[Row]) -> None:
+        """One transaction: one ``executemany`` per statement, in the rows' order (INSERT
+        before CHILD...), on a connection kept for these writes.
+
+        It is the driver's connection, under SQLAlchemy's pool but not its Connection: a
+        transaction through SQLAlchemy costs about as much again as SQLite's own work. The
+        statements are compiled by SQLAlchemy once, and each value goes through its column
+        type's own bind processor (JSON, dates), so the stored text is the same."""
         groups: dict[tuple[int, Executable], list[dict[str, Any]]] = {}
         for order, statement, row in rows:
             groups.setdefault((order, statement), []).append(row)
-        for (_, statement), many in sorted(groups.items(), key=lambda group: group[0][0]):
-            self._execute_many(conn, statement, many)
+        with self._lock:
+            connection = self._connection or self._connect()
+            try:
+                cursor = connection.cursor()
+                try:
+                    for (_, statement), many in sorted(groups.items(), key=_by_order):
+                        prepared = self._prepare(statement, tuple(many[0]))
+                        params: list[Any] = [prepared.values(row) for row in many]
+                        cursor.executemany(prepared.sql, params)
+                finally:
+                    cursor.close()
+                connection.commit()
+            except BaseException:
+                self._rollback(connection)
+                raise
 
-    def _execute_many(
-        self, conn: Connection, statement: Executable, rows: list[dict[str, Any]]
-    ) -> None:
-        """``conn.execute(statement, rows)``, minus SQLAlchemy's per-row bookkeeping: the
-        statement is compiled once for these columns, each value goes through its column
-        type's own bind processor (JSON, dates), and the driver gets plain tuples."""
-        key = (statement, tuple(rows[0]))
+    def _connect(self) -> PoolProxiedConnection:
+        self._connection = self.engine.raw_connection()
+        return self._connection
+
+    def _rollback(self, connection: PoolProxiedConnection) -> None:
+        try:
+            connection.rollback()
+        except Exception:
+            # Not usable any more: the pool drops it, and the next commit opens another.
+            self._connection = None
+            connection.invalidate()
+
+    def _prepare(self, statement: Executable, keys: tuple[str, ...]) -> _Prepared:
+        key = (statement, keys)
         prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[key] = _Prepared.of(statement, key[1], conn.dialect)
-        conn.exec_driver_sql(prepared.sql, [prepared.values(row) for row in rows])
+            prepared = self._prepared[key] = _Prepared.of(statement, keys, self.engine.dialect)
+        return prepared
 
     def _write_alone(self, write: _Write) -> None:
+        result = None
         try:
-            with self.engine.begin() as conn:
-                result = None
-                if write.alone is not None:
+            if write.alone is None:
+                self._commit(write.rows)
+            else:
+                with self.engine.begin() as conn:
                     result = write.alone(conn)
-                else:
-                    self._execute_rows(conn, write.rows)
         except Exception as exc:
             if write.future is None:
                 log.exception("a deferred write to the state store failed")

@@ -93,7 +93,7 @@ class Database:
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.set()
-        self.writes.flush()
+        self.writes.close()
         self.engine.dispose()
 
 

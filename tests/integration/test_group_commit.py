@@ -18,7 +18,7 @@ from flowrunner.history import HistoryRecorder
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
-from flowrunner.store.runs import RunHistory, RunRecord, StepRecord
+from flowrunner.store.runs import RunHistory, RunRecord, StepRecord, finished_rows
 
 
 @pytest.fixture
@@ -26,9 +26,16 @@ def database(tmp_path: Path) -> Database:
     return Database.open(f"sqlite:///{tmp_path / 'state.db'}")
 
 
-def count_commits(database: Database) -> list[int]:
-    commits: list[int] = []
-    event.listen(database.engine, "commit", lambda conn: commits.append(1))
+def count_commits(database: Database) -> list[str]:
+    """The COMMITs SQLite runs from now on, on any connection the engine hands out."""
+    commits: list[str] = []
+
+    def trace(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.set_trace_callback(
+            lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
+        )
+
+    event.listen(database.engine, "checkout", trace)
     return commits
 
 
@@ -222,4 +229,26 @@ async def test_group_commit_stores_exactly_what_a_plain_write_stores(database: D
     )
     by_id = {row[0]: row[1:] for row in rows(database, "SELECT * FROM runs")}
     assert by_id["grouped"] == by_id["plain"]
+    database.close()
+
+
+async def test_a_failed_transaction_leaves_the_connection_usable(database: Database) -> None:
+    """The group commit keeps one connection: a write that fails half-way (the second of
+    two runs is a duplicate) is rolled back whole, and the next write goes through."""
+    history = RunHistory(database)
+    history.record(finished("first"))
+    try:
+        history.writes.write_now(
+            [
+                *finished_rows(finished("second"), started_written=False),
+                *finished_rows(finished("first"), started_written=False),
+            ]
+        )
+    except sqlite3.IntegrityError:
+        pass
+    else:
+        pytest.fail("a duplicate run id was accepted")
+    assert rows(database, "SELECT id FROM runs") == [("first",)]  # "second" rolled back
+    await history.write_finished(finished("third"), started_written=False)
+    assert sorted(rows(database, "SELECT id FROM runs")) == [("first",), ("third",)]
     database.close()
