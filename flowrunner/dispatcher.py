@@ -119,6 +119,8 @@ class Dispatcher:
         self._running[flow] = self._running.get(flow, 0) + count
 
     def _start(self, flow: str, queued: QueuedRun) -> None:
+        # The intake row goes with the run's history, in the same commit.
+        self.history.finish_with(queued.id, self.queue.finish_rows(queued.id))
         self._running[flow] = self._running.get(flow, 0) + 1
         self._tasks[queued.id] = asyncio.create_task(self._execute(queued), name=f"run {queued.id}")
 
@@ -287,9 +289,11 @@ class Dispatcher:
             # cancelled before it began); the queue row stays claimed, and the next start
             # restarts the run if its flow says `on_interrupt: restart`.
             self.history.set_status(queued.id, RunStatus.INTERRUPTED, INTERRUPTED_MESSAGE)
+            self.history.forget(queued.id)
             self._done(queued.flow, queued.id)
             raise
-        self.queue.finish_later(queued.id)
+        if self.history.forget(queued.id):  # no history was written with it
+            self.queue.finish_later(queued.id)
         self._done(queued.flow, queued.id)
         for future in self._waiters.pop(queued.id, []):
             if not future.done():

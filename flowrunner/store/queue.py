@@ -234,7 +234,11 @@ class RunQueue:
     def finish_later(self, run_id: str) -> None:
         """``finish`` with the next group commit. Nothing waits for it: if the process
         dies first, the next start finds a finished run's row and removes it."""
-        self.writes.submit_later([(DELETE, _FINISH, {"run_key": run_id})])
+        self.writes.submit_later(self.finish_rows(run_id))
+
+    def finish_rows(self, run_id: str) -> list[Row]:
+        """What ``finish`` writes, to join another write (the run's history)."""
+        return [(DELETE, _FINISH, {"run_key": run_id})]
 
     def status(self, run_id: str) -> str | None:
         with self.engine.connect() as conn:

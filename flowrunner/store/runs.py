@@ -4,6 +4,7 @@ and received (already masked by the engine)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -76,6 +77,18 @@ class RunHistory:
     def __init__(self, database: Database) -> None:
         self.engine = database.engine
         self.writes = database.writes
+        self._companions: dict[str, list[Row]] = {}
+
+    def finish_with(self, run_id: str, rows: Sequence[Row]) -> None:
+        """Rows to write in the same transaction as this run's end: the removal of its
+        intake row, so that a finished run is never also seen waiting in the queue, and
+        its end costs one commit. Not for an interrupted run, which keeps its intake row
+        for the next start."""
+        self._companions[run_id] = list(rows)
+
+    def forget(self, run_id: str) -> bool:
+        """Drop what ``finish_with`` gave for this run; True if it was never written."""
+        return self._companions.pop(run_id, None) is not None
 
     def record_started(self, run: RunRecord) -> None:
         self.writes.write_now([(INSERT, _INSERT_RUN, _run_row(run))])
@@ -96,7 +109,10 @@ class RunHistory:
         """The run's final state and steps, with the next group commit. Without
         ``started_written`` the whole run is one insert: most runs end before their start
         was worth writing."""
-        return self.writes.submit(finished_rows(run, started_written))
+        rows = finished_rows(run, started_written)
+        if run.status != "interrupted":
+            rows.extend(self._companions.pop(run.id, ()))
+        return self.writes.submit(rows)
 
     def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:
         query = select(*_LISTED).order_by(runs.c.started_at.desc()).limit(limit)

@@ -318,9 +318,9 @@ async def test_a_run_that_finished_just_before_a_crash_is_left_as_it_was(
 async def test_waiting_for_a_finished_run_whose_intake_row_remains_answers_at_once(
     restart_project: Path, serve: ServeFactory
 ) -> None:
-    """A finished run's intake row is removed a moment after its history is written; a
-    `respond: wait` webhook (a duplicate, say) that asks in between gets the finished run,
-    not a wait until its timeout."""
+    """A run recorded outside the engine (refused at start, say) has its intake row removed
+    a moment after its history is written; a `respond: wait` webhook (a duplicate, say)
+    that asks in between gets the finished run, not a wait until its timeout."""
     served = await serve(restart_project, paused=True)
     queue, history = served.server.dispatcher.queue, served.server.runtime.history
     now = datetime.now(UTC)

@@ -252,3 +252,29 @@ async def test_a_failed_transaction_leaves_the_connection_usable(database: Datab
     await history.write_finished(finished("third"), started_written=False)
     assert sorted(rows(database, "SELECT id FROM runs")) == [("first",), ("third",)]
     database.close()
+
+
+async def test_a_run_s_intake_row_goes_with_its_history_unless_interrupted(
+    database: Database,
+) -> None:
+    """The dispatcher hands the history the removal of a run's intake row: one commit
+    writes the run's end and removes the row. An interrupted run keeps its row (the next
+    start restarts it), and the rows are then the dispatcher's to drop."""
+    history = RunHistory(database)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    commits = count_commits(database)
+    for run_id in ("done", "cut"):
+        await queue.enqueue(queued(run_id), claim=True)
+        history.finish_with(run_id, queue.finish_rows(run_id))
+    before = len(commits)
+    await history.write_finished(finished("done"), started_written=False)
+    assert len(commits) == before + 1
+    assert rows(database, "SELECT id FROM run_queue") == [("cut",)]
+    assert history.forget("done") is False  # written with the history
+
+    cut = finished("cut")
+    cut.status = "interrupted"
+    await history.write_finished(cut, started_written=False)
+    assert rows(database, "SELECT id, status FROM run_queue") == [("cut", "running")]
+    assert history.forget("cut") is True
+    database.close()
