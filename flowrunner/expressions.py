@@ -445,6 +445,10 @@ class Template:
         )
 
 
+# json.dumps(value, default=str, ensure_ascii=False), with one encoder for the process.
+_JSON_TEXT = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def to_text(value: Any) -> str:
     """How a value reads inside mixed text: JSON for structures, lowercase booleans."""
     if isinstance(value, str):
@@ -454,7 +458,7 @@ def to_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
-        return json.dumps(value, default=str, ensure_ascii=False)
+        return _JSON_TEXT.encode(value)
     if isinstance(value, datetime):
         return value.isoformat()
     return str(value)

@@ -129,6 +129,8 @@ class RunContext:
     def excerpt(self, value: Any) -> Any:
         """A bounded, masked form of a body for the history (the value itself when it is
         small and holds no secret)."""
+        if value is None or isinstance(value, bool | int | float):
+            return value
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
         if isinstance(value, str):

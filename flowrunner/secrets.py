@@ -57,6 +57,12 @@ def encoded_forms(value: str) -> frozenset[str]:
     return frozenset(forms)
 
 
+@functools.lru_cache(maxsize=4096)
+def _forms_and_shortest(value: str) -> tuple[frozenset[str], int]:
+    forms = encoded_forms(value)
+    return forms, min(len(form) for form in forms)
+
+
 @functools.lru_cache(maxsize=256)
 def _pattern_of(values: frozenset[str]) -> re.Pattern[str]:
     """One pattern for these forms, longest first. Cached: each run has its own masker,
@@ -76,11 +82,15 @@ class Masker:
     def add(self, value: object) -> None:
         if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH or value in self._values:
             return
-        new = encoded_forms(value) - self._values
-        if new:
-            shortest = min(len(form) for form in new)
-            self._shortest = min(self._shortest, shortest) if self._values else shortest
-            self._values |= new
+        forms, shortest = _forms_and_shortest(value)
+        if not self._values:  # a run's first secret: most runs have one
+            self._values = set(forms)
+            self._shortest = shortest
+            self._pattern = None
+            return
+        if not forms <= self._values:
+            self._values |= forms
+            self._shortest = min(self._shortest, shortest)
             self._pattern = None
 
     def __contains__(self, value: str) -> bool:

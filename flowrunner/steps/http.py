@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import random
 import time
@@ -44,6 +45,8 @@ NO_RETRY = Retry(attempts=1)
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 MAX_REDIRECTS = 20
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie"})
+# json.dumps(value, default=str), without building an encoder for every request.
+_JSON_BODY = json.JSONEncoder(default=str)
 
 
 class HostNotAllowed(StepFailed):
@@ -127,7 +130,7 @@ class HttpCall:
                 headers.add(name, value)
         content: bytes | None = None
         if spec.has_json:
-            content = json.dumps(render(spec.json_), default=str).encode()
+            content = _JSON_BODY.encode(render(spec.json_)).encode()
             if "Content-Type" not in headers:
                 headers["Content-Type"] = "application/json"
         elif spec.form is not None:
@@ -316,14 +319,16 @@ def _query_value(value: Any) -> Any:
 
 
 def _should_retry(retry: Retry, status: int) -> bool:
-    for condition in retry.on:
-        if isinstance(condition, int) and condition == status:
-            return True
-        if condition == "5xx" and 500 <= status < 600:
-            return True
-        if condition == "4xx" and 400 <= status < 500:
-            return True
-    return False
+    statuses, classes = _retry_statuses(tuple(retry.on))
+    return status in statuses or status // 100 in classes
+
+
+@functools.lru_cache(maxsize=256)
+def _retry_statuses(on: tuple[int | str, ...]) -> tuple[frozenset[int], frozenset[int]]:
+    """A retry's ``on`` as the statuses it names and the classes (4, 5) of 4xx and 5xx."""
+    statuses = frozenset(c for c in on if isinstance(c, int) and not isinstance(c, bool))
+    classes = frozenset(int(c[0]) for c in on if c in ("4xx", "5xx"))
+    return statuses, classes
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
