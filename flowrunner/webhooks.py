@@ -141,7 +141,7 @@ class WebhookEndpoint:
         return None
 
     async def answer(self, request: Request, submitted: Submitted, webhook: Webhook) -> Response:
-        status_url = str(request.url_for("run_status", run_id=submitted.run_id))
+        status_url = status_url_of(request, submitted.run_id)
         body: dict[str, Any] = {"run_id": submitted.run_id, "status_url": status_url}
         if submitted.status in (RunStatus.SKIPPED, RunStatus.FAILED):
             return JSONResponse(
@@ -155,6 +155,30 @@ class WebhookEndpoint:
         if record is None:
             return JSONResponse({**body, "status": "running"}, status_code=202)
         return run_answer(record, body)
+
+
+# The status URL up to the run id, by how the request reached us (scheme, Host header,
+# root path): Starlette's url_for walks the routes and builds URL objects, ~60 us a time.
+_STATUS_PREFIXES: dict[tuple[Any, ...], str] = {}
+_STATUS_PREFIXES_MAX = 64  # Host is the caller's to choose: the cache stays bounded
+
+
+def status_url_of(request: Request, run_id: str) -> str:
+    scope = request.scope
+    key = (
+        scope.get("scheme"),
+        scope.get("root_path"),
+        scope.get("server"),
+        request.headers.get("host"),
+    )
+    prefix = _STATUS_PREFIXES.get(key)
+    if prefix is None:
+        if len(_STATUS_PREFIXES) >= _STATUS_PREFIXES_MAX:
+            _STATUS_PREFIXES.clear()
+        marker = "0-run-id"
+        prefix = str(request.url_for("run_status", run_id=marker)).removesuffix(marker)
+        _STATUS_PREFIXES[key] = prefix
+    return prefix + run_id
 
 
 def run_answer(record: RunRecord, body: dict[str, Any]) -> Response:

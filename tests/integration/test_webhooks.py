@@ -507,6 +507,19 @@ async def test_wait_without_a_respond_step_answers_a_summary(
     assert failed.json()["error"] == "no stock for B-7"
 
 
+async def test_the_status_url_is_built_from_how_the_caller_reached_the_server(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """Behind a proxy the Host differs per caller: each answer's status URL names the host
+    its request named, however many came before."""
+    served = await serve(answers_project[0], paused=True)
+    for host in ("flows.example.test", "other.example.test:8443", "flows.example.test"):
+        answer = (
+            await served.client.post("/hooks/later", json={"n": 1}, headers={"Host": host})
+        ).json()
+        assert answer["status_url"] == f"http://{host}/runs/{answer['run_id']}"
+
+
 async def test_wait_past_the_timeout_answers_202_with_the_status_url(
     answers_project: tuple[Path, str], serve: ServeFactory
 ) -> None:
