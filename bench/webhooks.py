@@ -339,6 +339,21 @@ def upstream_calls(upstream: Process) -> dict[str, dict[str, int]]:
     return {k: stats.get(k, {}) for k in ("calls", "authorized")}
 
 
+def state_counters(url: str) -> tuple[float, float]:
+    """flowrunner's group commit so far, from /metrics: (transactions, writes carried)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = dict(
+        line.split(" ", 1) for line in text.splitlines() if line.startswith("flowrunner_state_")
+    )
+    return float(values["flowrunner_state_commits"]), float(values["flowrunner_state_writes"])
+
+
 def stored_runs(root: Path) -> collections.Counter[str]:
     with sqlite3.connect(root / ".flowrunner" / "state.db") as conn:
         return collections.Counter(
@@ -362,9 +377,17 @@ def measure_variant(
     try:
         run_wrk(server.url, 16, WARMUP_SECONDS, script, args.pin, wrk)
         for clients in args.clients:
+            before = state_counters(server.url) if variant == "flowrunner" else None
             result = run_wrk(server.url, clients, args.duration, script, args.pin, wrk)
             if result["non_2xx"] or result["socket_errors"]:
                 raise MeasurementFailed(f"{variant} at {clients} clients: {result}")
+            if before is not None:
+                (commits_after, writes_after), (commits_before, writes_before) = (
+                    state_counters(server.url),
+                    before,
+                )
+                commits, writes = commits_after - commits_before, writes_after - writes_before
+                result["writes_per_commit"] = writes / commits if commits else 0.0
             results[clients] = result
     finally:
         # Requests in flight when wrk stops still finish: count calls once the server is down.
@@ -645,6 +668,7 @@ def print_results(
                 f"{fr_rps / base_rps:.2f}x",
                 f"{fr_p99 / base_p99:.2f}x",
                 "yes" if met else "NO",
+                f"{med('flowrunner', 'writes_per_commit'):.1f}",
             )
         )
     print()
@@ -661,13 +685,16 @@ def print_results(
                 "req/s ratio",
                 "p99 ratio",
                 "goal met",
+                "writes/commit",
             ),
             rows,
         )
     )
     print(
         f"goal: req/s ratio >= {GOAL_THROUGHPUT}x and p99 ratio < {GOAL_P99}x; medians of "
-        f"{args.repeat} repeat(s); flowrunner with durable intake and run history (SQLite)"
+        f"{args.repeat} repeat(s); flowrunner with durable intake and run history (SQLite); "
+        "writes/commit = intakes and run ends per transaction of flowrunner's group commit "
+        "(from its /metrics)"
     )
 
 

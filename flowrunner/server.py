@@ -287,6 +287,10 @@ def build_server(
     metrics.gauges["flowrunner_queue_depth"] = lambda: float(queue.depth())
     metrics.gauges["flowrunner_runs_in_flight"] = lambda: float(dispatcher.in_flight)
     metrics.gauges["flowrunner_token_refreshes"] = lambda: float(runtime.auth.tokens.refresh_count)
+    # The group commit at work: how many writes (intakes, run ends) share a transaction.
+    writes = runtime.database.writes
+    metrics.gauges["flowrunner_state_commits"] = lambda: float(writes.commits)
+    metrics.gauges["flowrunner_state_writes"] = lambda: float(writes.written)
     admin_token = settings.admin_token
     if not _is_loopback(host) and not admin_token:
         raise ConfigurationError(

@@ -81,6 +81,9 @@ class WriteBatcher:
         self._connection: PoolProxiedConnection | None = None
         # Writes come from the event loop, and synchronous paths may come from elsewhere.
         self._lock = threading.Lock()
+        # Since start: transactions committed, and the writes they carried (the metrics).
+        self.commits = 0
+        self.written = 0
 
     def submit(
         self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
@@ -129,6 +132,7 @@ class WriteBatcher:
             for write in writes:
                 self._write_alone(write)
             return
+        self.written += len(writes)
         for write in writes:
             if write.future is not None and not write.future.done():
                 write.future.set_result(None)
@@ -137,6 +141,7 @@ class WriteBatcher:
         """Write ``rows`` now, in a transaction of their own (outside the group commits:
         the synchronous paths, such as recovery at start-up)."""
         self._commit(rows)
+        self.written += 1
 
     def close(self) -> None:
         """Commit what is pending and give the connection back to the pool."""
@@ -169,6 +174,7 @@ class WriteBatcher:
                 finally:
                     cursor.close()
                 connection.commit()
+                self.commits += 1
             except BaseException:
                 self._rollback(connection)
                 raise
@@ -200,11 +206,13 @@ class WriteBatcher:
             else:
                 with self.engine.begin() as conn:
                     result = write.alone(conn)
+                self.commits += 1
         except Exception as exc:
             if write.future is None:
                 log.exception("a deferred write to the state store failed")
             elif not write.future.done():
                 write.future.set_exception(exc)
             return
+        self.written += 1
         if write.future is not None and not write.future.done():
             write.future.set_result(result)
