@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 
 from flowrunner.events import EventBus, RunEvent
@@ -20,29 +21,49 @@ class HistoryRecorder:
     run`` exits or a webhook answers); its start is written only if it lasts. A run that
     was in flight when the process died is known from its intake row (see the dispatcher's
     recovery), not from this early write.
+
+    Runs that last are found by one sweep every half ``show_running_after`` while runs
+    are in flight, rather than by a timer per run: most runs end long before, and a
+    timer set and cancelled for each costs more than the look-up.
     """
 
     def __init__(self, history: RunHistory, show_running_after: float = SHOW_RUNNING_AFTER):
         self.history = history
         self.show_running_after = show_running_after
-        self._starts: dict[str, asyncio.TimerHandle | None] = {}
+        # Runs in flight whose start is not written yet, in the order they started.
+        self._unwritten: dict[str, tuple[float, RunRecord]] = {}
+        self._written: set[str] = set()  # in flight, start written
+        self._sweep: asyncio.TimerHandle | None = None
 
     def on_event(self, event: RunEvent) -> Awaitable[None] | None:
         run = event.run
         if event.kind == "run_started":
-            self._starts[run.id] = asyncio.get_running_loop().call_later(
-                self.show_running_after, self._write_start, run
-            )
+            self._unwritten[run.id] = (time.monotonic(), run)
+            if self._sweep is None:
+                self._schedule_sweep()
             return None
-        written = run.id in self._starts and self._starts[run.id] is None
-        pending = self._starts.pop(run.id, None)
-        if pending is not None:
-            pending.cancel()
+        if self._unwritten.pop(run.id, None) is not None:
+            return self.history.write_finished(run, started_written=False)
+        written = run.id in self._written
+        self._written.discard(run.id)
         return self.history.write_finished(run, started_written=written)
 
-    def _write_start(self, run: RunRecord) -> None:
-        self._starts[run.id] = None
-        self.history.write_started(run)
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweep = loop.call_later(self.show_running_after / 2, self._write_lasting)
+
+    def _write_lasting(self) -> None:
+        """Write as running every run that has lasted ``show_running_after``."""
+        self._sweep = None
+        due = time.monotonic() - self.show_running_after
+        for run_id, (started, run) in list(self._unwritten.items()):
+            if started > due:
+                break  # started in order: the rest are younger
+            del self._unwritten[run_id]
+            self._written.add(run_id)
+            self.history.write_started(run)
+        if self._unwritten:
+            self._schedule_sweep()
 
 
 def record_history(bus: EventBus, history: RunHistory) -> HistoryRecorder:
