@@ -259,7 +259,7 @@ async def _baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _flowrunner(args: argparse.Namespace, history: bool, profiler: Any) -> dict[str, Any]:
-    from flowrunner.app import build_runtime, freeze_startup_heap
+    from flowrunner.app import build_runtime, tune_garbage_collector
     from flowrunner.loader import load_project
 
     root: Path = args.measure
@@ -270,7 +270,7 @@ async def _flowrunner(args: argparse.Namespace, history: bool, profiler: Any) ->
     if problems or {FLOW_A, FLOW_B} - set(project.flows):
         raise RuntimeError(f"the benchmark project does not load: {problems[:5]}")
     runtime = build_runtime(root, project=project, keep_history=history)
-    freeze_startup_heap()  # as `flowrunner serve` does before it serves
+    tune_garbage_collector()  # as `flowrunner serve` does before it serves
     setup = time.perf_counter() - setup
     engine = runtime.engine
 

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from flowrunner.app import Runtime, build_runtime, freeze_startup_heap
+from flowrunner.app import Runtime, build_runtime, tune_garbage_collector
 from flowrunner.dispatcher import Dispatcher
 from flowrunner.errors import ConfigurationError, Problem
 from flowrunner.events import RunEvent
@@ -342,7 +342,7 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=30,
     )
-    freeze_startup_heap()
+    tune_garbage_collector()
     run_until_signalled(uvicorn.Server(config))
 
 
