@@ -693,7 +693,8 @@ def print_results(
     print(
         f"goal: req/s ratio >= {GOAL_THROUGHPUT}x and p99 ratio < {GOAL_P99}x; medians of "
         f"{args.repeat} repeat(s); flowrunner with durable intake and run history (SQLite); "
-        "writes/commit = intakes and run ends per transaction of flowrunner's group commit "
+        "writes/commit = intakes, run ends and removals from the queue per transaction of "
+        "flowrunner's group commit "
         "(from its /metrics)"
     )
 

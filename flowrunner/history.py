@@ -34,13 +34,14 @@ class HistoryRecorder:
         self._unwritten: dict[str, tuple[float, RunRecord]] = {}
         self._written: set[str] = set()  # in flight, start written
         self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
 
     def on_event(self, event: RunEvent) -> Awaitable[None] | None:
         run = event.run
         if event.kind == "run_started":
             self._unwritten[run.id] = (time.monotonic(), run)
-            if self._sweep is None:
-                self._schedule_sweep()
+            if self._sweep is None or self._sweep_loop is not asyncio.get_running_loop():
+                self._schedule_sweep()  # (a recorder may outlive the loop it swept in)
             return None
         if self._unwritten.pop(run.id, None) is not None:
             return self.history.write_finished(run, started_written=False)
@@ -49,7 +50,7 @@ class HistoryRecorder:
         return self.history.write_finished(run, started_written=written)
 
     def _schedule_sweep(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._sweep_loop = asyncio.get_running_loop()
         self._sweep = loop.call_later(self.show_running_after / 2, self._write_lasting)
 
     def _write_lasting(self) -> None:

@@ -35,8 +35,12 @@ def dumps_bytes(value: Any, default: Callable[[Any], Any] = str) -> bytes:
     ``default`` converts what JSON has no type for."""
     try:
         return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:  # an integer beyond 64 bits
-        return json.dumps(value, default=default, ensure_ascii=False).encode()
+    except TypeError:  # an integer beyond 64 bits, a lone surrogate
+        text = json.dumps(value, default=default, ensure_ascii=False)
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: UTF-8 cannot carry it, \uXXXX can
+            return json.dumps(value, default=default).encode()
 
 
 def dumps(value: Any, default: Callable[[Any], Any] = str) -> str:

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
+import orjson
+
 from flowrunner import jsontext
 from flowrunner.errors import ExpressionError
 
@@ -71,12 +73,21 @@ def _pattern_of(values: frozenset[str]) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(v) for v in ordered))
 
 
+@functools.lru_cache(maxsize=256)
+def _json_pattern_of(values: frozenset[str]) -> re.Pattern[str]:
+    """The forms as they read inside a JSON string: what a string that holds one of them
+    shows in the JSON text of a whole value (each character escaped on its own, so an
+    occurrence in the string is an occurrence in the text)."""
+    return _pattern_of(frozenset(json.dumps(v, ensure_ascii=False)[1:-1] for v in values))
+
+
 class Masker:
     """Replaces registered secret values in text, including inside longer strings."""
 
     def __init__(self) -> None:
         self._values: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._json_pattern: re.Pattern[str] | None = None
         self._shortest = 0  # text shorter than every form of every secret holds none
 
     def add(self, value: object) -> None:
@@ -86,12 +97,12 @@ class Masker:
         if not self._values:  # a run's first secret: most runs have one
             self._values = set(forms)
             self._shortest = shortest
-            self._pattern = None
+            self._pattern = self._json_pattern = None
             return
         if not forms <= self._values:
             self._values |= forms
             self._shortest = min(self._shortest, shortest)
-            self._pattern = None
+            self._pattern = self._json_pattern = None
 
     def __contains__(self, value: str) -> bool:
         return value in self._values
@@ -111,19 +122,36 @@ class Masker:
         given back as it is, not copied."""
         if isinstance(value, str):
             return self.mask(value)
-        return self.mask_with_text(value)[0]
+        if not self._values or not isinstance(value, dict | list | tuple):
+            return value
+        text = _json_text(value)
+        if text is not None and not self._may_hold_secret(text):
+            return value
+        return self._mask_walk(value)
 
     def mask_with_text(self, value: object) -> tuple[object, str]:
         """The masked value and its JSON text. One search over the text tells whether a
-        secret is in it at all: a string appears there with the escapes of its JSON form,
-        which is one of the forms masked."""
-        text = jsontext.dumps(value)
+        string in the value may hold a secret; only then is every string masked."""
+        if isinstance(value, str):
+            masked_text = self.mask(value)
+            return masked_text, jsontext.dumps(masked_text)
+        text = _json_text(value)
+        if text is None:
+            # Not JSON to orjson (a tuple as a key, a lone surrogate): walked, which also
+            # makes its keys text.
+            masked = self._mask_walk(value)
+            return masked, jsontext.dumps(masked)
         if not self._values or not isinstance(value, dict | list | tuple):
             return value, text
-        if self._compiled().search(text) is None:
+        if not self._may_hold_secret(text):
             return value, text
         masked = self._mask_walk(value)
         return masked, jsontext.dumps(masked)
+
+    def _may_hold_secret(self, json_text: str) -> bool:
+        if self._json_pattern is None:
+            self._json_pattern = _json_pattern_of(frozenset(self._values))
+        return self._json_pattern.search(json_text) is not None
 
     def _mask_walk(self, value: object) -> object:
         if isinstance(value, str):
@@ -136,6 +164,17 @@ class Masker:
 
     def contains_secret(self, text: str) -> bool:
         return bool(self._values) and self.mask(text) != text
+
+
+def _json_text(value: object) -> str | None:
+    """The value's JSON text as orjson writes it, non-ASCII characters as they are (the
+    escapes the search for secrets expects; checked equal to ``json.dumps(...,
+    ensure_ascii=False)``), or None when orjson cannot write it (a tuple as a key, a lone
+    surrogate, an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, ValueError):
+        return None
 
 
 # The masker of the run being executed, so that filters such as b64encode can register

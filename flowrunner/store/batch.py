@@ -79,7 +79,9 @@ class WriteBatcher:
         self._scheduled: asyncio.Handle | None = None
         self._prepared: dict[tuple[Executable, tuple[str, ...]], _Prepared] = {}
         self._connection: PoolProxiedConnection | None = None
-        # Writes come from the event loop, and synchronous paths may come from elsewhere.
+        self._closed = False
+        # One transaction at a time on the connection: synchronous paths may write from
+        # another thread than the event loop's.
         self._lock = threading.Lock()
         # Since start: transactions committed, and the writes they carried (the metrics).
         self.commits = 0
@@ -144,9 +146,11 @@ class WriteBatcher:
         self.written += 1
 
     def close(self) -> None:
-        """Commit what is pending and give the connection back to the pool."""
+        """Commit what is pending and give the connection back to the pool. A write that
+        still comes (a timer firing during shutdown) opens a connection for itself."""
         self.flush()
         with self._lock:
+            self._closed = True
             connection, self._connection = self._connection, None
             if connection is not None:
                 connection.close()
@@ -178,6 +182,10 @@ class WriteBatcher:
             except BaseException:
                 self._rollback(connection)
                 raise
+            finally:
+                if self._closed and self._connection is not None:
+                    self._connection = None
+                    connection.close()
 
     def _connect(self) -> PoolProxiedConnection:
         self._connection = self.engine.raw_connection()

@@ -80,10 +80,10 @@ class RunHistory:
         self._companions: dict[str, list[Row]] = {}
 
     def finish_with(self, run_id: str, rows: Sequence[Row]) -> None:
-        """Rows to write in the same transaction as this run's end: the removal of its
-        intake row, so that a finished run is never also seen waiting in the queue, and
-        its end costs one commit. Not for an interrupted run, which keeps its intake row
-        for the next start."""
+        """Rows to write with this run's end, in the same group commit: the removal of its
+        intake row, so that a finished run is not also seen waiting in the queue, and its
+        end costs one commit. Not for an interrupted run, which keeps its intake row for
+        the next start."""
         self._companions[run_id] = list(rows)
 
     def forget(self, run_id: str) -> bool:
@@ -109,10 +109,14 @@ class RunHistory:
         """The run's final state and steps, with the next group commit. Without
         ``started_written`` the whole run is one insert: most runs end before their start
         was worth writing."""
-        rows = finished_rows(run, started_written)
-        if run.status != "interrupted":
-            rows.extend(self._companions.pop(run.id, ()))
-        return self.writes.submit(rows)
+        written = self.writes.submit(finished_rows(run, started_written))
+        companions = self._companions.pop(run.id, None) if run.status != "interrupted" else None
+        if companions:
+            # Submitted in the same turn: the same transaction. Should that fail, each is
+            # done again alone, so a history that cannot be written (a value SQLite
+            # refuses) does not keep a finished run in the queue, to run again.
+            self.writes.submit_later(companions)
+        return written
 
     def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:
         query = select(*_LISTED).order_by(runs.c.started_at.desc()).limit(limit)

@@ -278,3 +278,23 @@ async def test_a_run_s_intake_row_goes_with_its_history_unless_interrupted(
     assert rows(database, "SELECT id, status FROM run_queue") == [("cut", "running")]
     assert history.forget("cut") is True
     database.close()
+
+
+async def test_a_history_that_cannot_be_written_still_leaves_the_queue(
+    database: Database,
+) -> None:
+    """The intake row's removal rides in the run end's commit; if that commit fails for
+    the run's own sake, the removal is done alone: the run is not left in the queue to be
+    taken for interrupted, and run again, at the next start."""
+    history = RunHistory(database)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    await queue.enqueue(queued("odd"), claim=True)
+    history.finish_with("odd", queue.finish_rows("odd"))
+    odd = finished("odd")
+    odd.finished_at = "not a time"  # type: ignore[assignment]  # refused by the DATETIME column
+    with pytest.raises(TypeError):
+        await history.write_finished(odd, started_written=False)
+    await asyncio.sleep(0)  # the removal, retried alone, is committed in the same flush
+    assert rows(database, "SELECT id FROM run_queue") == []
+    assert rows(database, "SELECT id FROM runs") == []
+    database.close()

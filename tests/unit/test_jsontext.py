@@ -46,3 +46,10 @@ def test_dumps_keeps_big_integers_non_ascii_and_converts_the_rest() -> None:
     assert json.loads(jsontext.dumps(value)) == {"big": 2**70, "name": "café", "3": "three"}
     assert "café" in jsontext.dumps({"name": "café"})
     assert json.loads(jsontext.dumps({"when": object()}, default=lambda _: "x")) == {"when": "x"}
+
+
+def test_dumps_writes_a_lone_surrogate_as_its_escape() -> None:
+    """Text that went through a JSON reader may hold half a surrogate pair: it is kept as
+    \\ud83d, so that a run holding it can still be recorded."""
+    text = jsontext.dumps({"half": "x\ud83d", "name": "café"})
+    assert json.loads(text) == {"half": "x\ud83d", "name": "café"}
