@@ -25,9 +25,9 @@ from sqlalchemy.sql import Executable
 
 log = logging.getLogger("flowrunner.store")
 
-# The order in which statements of one batch run: a run's row before its steps, rows
-# before the deletes that follow them.
-INSERT, UPDATE, CHILD, DELETE = 0, 1, 2, 3
+# The order in which statements of one batch run: inserts, then updates of rows that may
+# have been inserted in the same batch, then deletes (a finished run's intake row).
+INSERT, UPDATE, DELETE = 0, 1, 2
 
 Row = tuple[int, Executable, dict[str, Any]]
 
@@ -157,7 +157,7 @@ class WriteBatcher:
 
     def _commit(self, rows: Sequence[Row]) -> None:
         """One transaction: one ``executemany`` per statement, in the rows' order (INSERT
-        before CHILD...), on a connection kept for these writes.
+        before UPDATE before DELETE), on a connection kept for these writes.
 
         It is the driver's connection, under SQLAlchemy's pool but not its Connection: a
         transaction through SQLAlchemy costs about as much again as SQLite's own work. The
