@@ -8,6 +8,7 @@ every node and every restart computes the same fire times.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -144,7 +145,10 @@ class Scheduler:
         self.fire = fire
         self.clock = clock or (lambda: datetime.now(UTC))
         self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._jobs: dict[str, tuple[str, str]] = {}  # job id -> (flow, rule fingerprint)
+        # One job per distinct schedule (rule, time zone, grace...), whatever the number of
+        # flows on it: with a job per flow, APScheduler took 0.12 s on the loop to hand out
+        # 1,000 flows due at the same minute. Job id -> the (flow, schedule index) on it.
+        self._groups: dict[str, list[tuple[str, int]]] = {}
 
     def start(self) -> None:
         self._scheduler.start()
@@ -154,29 +158,40 @@ class Scheduler:
             self._scheduler.shutdown(wait=False)
 
     def sync(self, flows: dict[str, Flow]) -> None:
-        """Make the jobs match the flows' schedules (after a start or a reload)."""
-        wanted: dict[str, tuple[str, int, Schedule]] = {}
+        """Make the jobs match the flows' schedules (after a start or a reload). A job whose
+        schedule is still wanted is kept as it is, whichever flows now use it."""
+        wanted: dict[str, list[tuple[str, int]]] = {}
+        schedules: dict[str, Schedule] = {}
         for flow in flows.values():
             for index, schedule in enumerate(flow.schedules):
-                wanted[f"{flow.name}#{index}"] = (flow.name, index, schedule)
-        for job_id in list(self._jobs):
-            if job_id not in wanted or self._jobs[job_id][1] != wanted[job_id][2].model_dump_json():
+                job_id = schedule.model_dump_json()
+                wanted.setdefault(job_id, []).append((flow.name, index))
+                schedules[job_id] = schedule
+        for job_id in list(self._groups):
+            if job_id not in wanted:
                 self._scheduler.remove_job(job_id)
-                del self._jobs[job_id]
-        for job_id, (flow_name, index, schedule) in wanted.items():
-            if job_id in self._jobs:
-                continue
-            trigger = trigger_for(schedule)
-            self._scheduler.add_job(
-                self._on_fire,
-                trigger,
-                args=(flow_name, index, trigger),
-                id=job_id,
-                misfire_grace_time=int(schedule.grace.total_seconds()) or 1,
-                coalesce=True,
-                max_instances=100,
-            )
-            self._jobs[job_id] = (flow_name, schedule.model_dump_json())
+                del self._groups[job_id]
+        for job_id, members in wanted.items():
+            if job_id not in self._groups:
+                schedule = schedules[job_id]
+                trigger = trigger_for(schedule)
+                self._scheduler.add_job(
+                    self._on_fire,
+                    trigger,
+                    args=(job_id, trigger),
+                    id=job_id,
+                    misfire_grace_time=int(schedule.grace.total_seconds()) or 1,
+                    coalesce=True,
+                    max_instances=100,
+                )
+            self._groups[job_id] = members
+
+    def job_of(self, flow: str, index: int = 0) -> Any:
+        """The APScheduler job that fires this schedule of this flow (None if none)."""
+        for job_id, members in self._groups.items():
+            if (flow, index) in members:
+                return self._scheduler.get_job(job_id)
+        return None
 
     def every(self, job_id: str, interval: timedelta, job: Callable[[], Awaitable[Any]]) -> None:
         """A housekeeping job (reminder checks, notification delivery) on an interval."""
@@ -205,7 +220,7 @@ class Scheduler:
                     count += 1
         return count
 
-    async def _on_fire(self, flow: str, index: int, trigger: Any) -> None:
+    async def _on_fire(self, job_id: str, trigger: Any) -> None:
         # A coroutine, so that APScheduler runs it on the event loop: a plain function would
         # run in a worker thread, and the dispatcher's wake-up event is not thread-safe.
         # APScheduler does not pass the scheduled time; the latest fire time at or before
@@ -214,7 +229,12 @@ class Scheduler:
         fired_at = latest_fire(trigger, self.clock(), timedelta(days=1))
         if fired_at is None:
             return
-        try:
-            await self.fire(flow, index, fired_at)
-        except Exception:
-            log.exception("schedule fire of %s failed to queue", flow)
+        members = list(self._groups.get(job_id, ()))
+        # All at once: their intakes share the next group commit of the state store.
+        results = await asyncio.gather(
+            *(self.fire(flow, index, fired_at) for flow, index in members),
+            return_exceptions=True,
+        )
+        for (flow, _), result in zip(members, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("schedule fire of %s failed to queue", flow, exc_info=result)

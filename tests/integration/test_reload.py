@@ -136,7 +136,7 @@ async def test_a_reload_keeps_unchanged_schedules(
     served = await serve(root)
 
     def job() -> Any:
-        return served.server.scheduler._scheduler.get_job("ticker#0")
+        return served.server.scheduler.job_of("ticker")
 
     before = job()
     write(root, "steady", answering("steady", 2))

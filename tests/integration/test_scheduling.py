@@ -74,6 +74,33 @@ async def test_a_fire_runs_once_even_fired_twice_or_after_a_restart(
     assert len(await second.quiet()) == 2
 
 
+async def test_flows_on_the_same_schedule_share_a_job_and_each_fires_once(
+    make_project: Callable[..., Path], serve: ServeFactory
+) -> None:
+    """Flows with the same schedule are fired by one job, each its own run with its own fire
+    key; a flow on another schedule has a job of its own."""
+    root = make_project(
+        {
+            **scheduled('{cron: "0 7 * * *", catch_up: none}', name="first"),
+            **scheduled('{cron: "0 7 * * *", catch_up: none}', name="second"),
+            **scheduled('{cron: "0 8 * * *", catch_up: none}', name="other"),
+        }
+    )
+    now = [datetime(2028, 2, 29, 7, 0, 0, 5000, tzinfo=UTC)]
+    served = await serve(root, clock=lambda: now[0])
+    scheduler = served.server.scheduler
+    job = scheduler.job_of("first")
+    assert scheduler.job_of("second") is job
+    assert scheduler.job_of("other") is not job
+    await job.func(*job.args)
+    await job.func(*job.args)  # fired again for the same time: nothing more
+    runs = await served.quiet()
+    assert sorted((r.flow, r.trigger["fired_at"]) for r in runs) == [
+        ("first", "2028-02-29T07:00:00+00:00"),
+        ("second", "2028-02-29T07:00:00+00:00"),
+    ]
+
+
 async def test_every_second_fires_on_the_second_with_little_lag(
     make_project: Callable[..., Path], serve: ServeFactory
 ) -> None:
@@ -170,10 +197,10 @@ async def test_the_scheduler_skips_the_repeated_fire(
     second_pass = datetime(2026, 10, 25, 1, 30, 0, 5000, tzinfo=UTC)
     now = [first_pass]
     served = await serve(root, clock=lambda: now[0])
-    trigger = trigger_for(served.server.project.flows["night"].flow.schedules[0])
-    await served.server.scheduler._on_fire("night", 0, trigger)
+    job = served.server.scheduler.job_of("night")
+    await job.func(*job.args)  # what APScheduler runs at the first 02:30
     now[0] = second_pass
-    await served.server.scheduler._on_fire("night", 0, trigger)
+    await job.func(*job.args)
     runs = await served.quiet()
     assert [r.trigger["fired_at"] for r in runs] == ["2026-10-25T00:30:00+00:00"]
 
