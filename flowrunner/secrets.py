@@ -124,29 +124,31 @@ class Masker:
             return self.mask(value)
         if not self._values or not isinstance(value, dict | list | tuple):
             return value
-        text = _json_text(value)
-        if text is not None and not self._may_hold_secret(text):
-            return value
-        return self._mask_walk(value)
+        return self._masked(value)[0]
 
     def mask_with_text(self, value: object) -> tuple[object, str]:
-        """The masked value and its JSON text. One search over the text tells whether a
-        string in the value may hold a secret; only then is every string masked."""
+        """The masked value and its JSON text."""
         if isinstance(value, str):
             masked_text = self.mask(value)
             return masked_text, jsontext.dumps(masked_text)
+        masked, text = self._masked(value)
+        return masked, text if text is not None else jsontext.dumps(masked)
+
+    def _masked(self, value: object) -> tuple[object, str | None]:
+        """The masked value, with its JSON text when it is the value as given. One search
+        over that text tells whether a string in the value may hold a secret; only then is
+        every string masked. A value orjson cannot write (a tuple as a key, a lone
+        surrogate) is walked, which also makes its keys text."""
         text = _json_text(value)
         if text is None:
-            # Not JSON to orjson (a tuple as a key, a lone surrogate): walked, which also
-            # makes its keys text.
-            masked = self._mask_walk(value)
-            return masked, jsontext.dumps(masked)
-        if not self._values or not isinstance(value, dict | list | tuple):
+            return self._mask_walk(value), None
+        if (
+            not self._values
+            or not isinstance(value, dict | list | tuple)
+            or not self._may_hold_secret(text)
+        ):
             return value, text
-        if not self._may_hold_secret(text):
-            return value, text
-        masked = self._mask_walk(value)
-        return masked, jsontext.dumps(masked)
+        return self._mask_walk(value), None
 
     def _may_hold_secret(self, json_text: str) -> bool:
         if self._json_pattern is None:
