@@ -178,10 +178,13 @@ def create_upstream(state: UpstreamState) -> Starlette:
     async def huge(request: Request) -> Response:
         state.hit("huge", request)
         kilobytes = int(request.query_params.get("kb", "0")) or 1024 * 20  # 20 MiB
+        pause = float(request.query_params.get("pause", "0"))  # seconds between chunks
 
         async def chunks() -> AsyncIterator[bytes]:
             for _ in range(kilobytes // 64):
                 yield HUGE_CHUNK
+                if pause:
+                    await asyncio.sleep(pause)
 
         return StreamingResponse(chunks(), media_type="text/plain")
 
