@@ -30,6 +30,22 @@ def loads(text: str) -> Any:
     return json.loads(text)
 
 
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
+NOT_READ: Any = object()  # what loads_utf8 gives when it leaves the reading to loads
+
+
+def loads_utf8(content: bytes) -> Any:
+    """``json.loads`` of UTF-8 bytes read straight by orjson, or ``NOT_READ`` when only
+    :func:`loads` of the decoded text can say what they hold (invalid JSON or UTF-8, a
+    long integer, NaN)."""
+    if _LONG_NUMBER_BYTES.search(content) is None:
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError:
+            pass
+    return NOT_READ
+
+
 def dumps_bytes(value: Any, default: Callable[[Any], Any] = str) -> bytes:
     """UTF-8 JSON of ``value`` (non-ASCII characters as they are, keys made text);
     ``default`` converts what JSON has no type for."""

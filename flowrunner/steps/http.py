@@ -54,6 +54,11 @@ class HostNotAllowed(StepFailed):
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
+    return _host_allowed(host, tuple(allowed))
+
+
+@functools.lru_cache(maxsize=1024)  # every request with a profile asks
+def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     host = host.lower()
     for pattern in allowed:
         if pattern.startswith("*.") and (host.endswith(pattern[1:]) or host == pattern[2:]):
@@ -279,8 +284,13 @@ class HttpCall:
 
 def parse_body(response: WireResponse) -> Any:
     """The body as text, or parsed JSON when the content type says JSON and it parses."""
+    is_json = "json" in response.headers.get("Content-Type", "").lower()
+    if is_json and response.encoding == "utf-8":
+        parsed = jsontext.loads_utf8(response.content)  # no text made on the way
+        if parsed is not jsontext.NOT_READ:
+            return parsed
     text = response.text
-    if "json" in response.headers.get("Content-Type", "").lower() and text.strip():
+    if is_json and text.strip():
         try:
             return jsontext.loads(text)
         except ValueError:

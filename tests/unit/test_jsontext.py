@@ -53,3 +53,35 @@ def test_dumps_writes_a_lone_surrogate_as_its_escape() -> None:
     \\ud83d, so that a run holding it can still be recorded."""
     text = jsontext.dumps({"half": "x\ud83d", "name": "café"})
     assert json.loads(text) == {"half": "x\ud83d", "name": "café"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"id": 7, "name": "Ada", "tags": ["a", "b"], "price": 12.5, "ok": true}',
+        '{"name": "café", "emoji": "😀"}'.encode(),
+        b'{"id": 123456789012345678901234567890}',
+        b'{"x": NaN}',
+        b'"\\ud800"',
+        b"\xef\xbb\xbf{}",  # a byte order mark
+        b'{"bad": "\xff"}',  # not UTF-8
+        b"   ",
+        b"{",
+        b"",
+    ],
+)
+def test_loads_utf8_gives_what_json_gives_or_leaves_it_to_loads(content: bytes) -> None:
+    """Read from bytes, a value equals Python's reading of the decoded text; whatever orjson
+    would read differently (long integers, NaN, lone surrogates) or not at all is left to
+    loads, which the caller then asks."""
+    read = jsontext.loads_utf8(content)
+    if read is jsontext.NOT_READ:
+        return
+    expected = json.loads(content.decode("utf-8"))
+    assert read == expected
+    assert type(read) is type(expected)
+
+
+def test_loads_utf8_reads_plain_json_itself() -> None:
+    assert jsontext.loads_utf8(b'{"id": 7}') == {"id": 7}
+    assert jsontext.loads_utf8(b'{"id": 1234567890123456789012}') is jsontext.NOT_READ

@@ -35,3 +35,13 @@ def test_a_body_that_is_not_json_stays_text() -> None:
     assert parse_body(response(b"<html>oops</html>", "application/json")) == "<html>oops</html>"
     assert parse_body(response(b'{"id": 7}', "text/plain")) == '{"id": 7}'
     assert parse_body(response(b"  ", "application/json")) == "  "
+
+
+def test_a_declared_charset_other_than_utf8_is_decoded_before_parsing() -> None:
+    body = '{"name": "Müller"}'.encode("latin-1")
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+    request = WireRequest("GET", URL("http://127.0.0.1/x"), CIMultiDict())
+    latin = WireResponse(200, headers, body, "iso-8859-1", request.url, request)
+    assert parse_body(latin) == {"name": "Müller"}
+    # Bytes that are not UTF-8 under no declared charset read as text with replacements.
+    assert parse_body(response(body, "application/json")) == {"name": "M\ufffdller"}
