@@ -24,7 +24,7 @@ from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import STATE_DIR
 from flowrunner.store.notifications import NotificationStore
 from flowrunner.store.tokens import TokenStore
-from flowrunner.wire import USER_AGENT, HttpxWire, ReqwestWire, Wire, default_ssl_context
+from flowrunner.wire import USER_AGENT, AiohttpWire, HttpxWire, Wire, default_ssl_context
 
 DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
 
@@ -50,11 +50,18 @@ class FlowClient(httpx.AsyncClient):
         return None
 
 
-def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+def make_client(
+    transport: httpx.AsyncBaseTransport | None = None, wire: AiohttpWire | None = None
+) -> httpx.AsyncClient:
     """The httpx client for what is not an http step (token endpoints, notifications), over
-    aiohttp's transport unless another is given."""
+    aiohttp's transport: on the wire's connection pool when given one, so that the process
+    keeps one pool."""
     if transport is None:
-        transport = AiohttpTransport(verify=default_ssl_context(), limits=DEFAULT_LIMITS)
+        transport = AiohttpTransport(
+            verify=default_ssl_context(),
+            limits=DEFAULT_LIMITS,
+            client=wire.session if wire is not None else None,
+        )
     return FlowClient(
         transport=transport, timeout=httpx.Timeout(30.0), headers={"User-Agent": USER_AGENT}
     )
@@ -114,10 +121,15 @@ def build_runtime(
     bus = EventBus()
     if keep_history:
         record_history(bus, history)
-    # http steps go through pyreqwest; with a transport given (httpx.MockTransport in
+    # http steps go through plain aiohttp; with a transport given (httpx.MockTransport in
     # tests), they go through the httpx client built on it, like everything else.
-    client = make_client(transport)
-    wire: Wire = ReqwestWire() if transport is None else HttpxWire(client)
+    wire: Wire
+    if transport is None:
+        pool = AiohttpWire()
+        wire, client = pool, make_client(wire=pool)
+    else:
+        client = make_client(transport)
+        wire = HttpxWire(client)
     tokens = token_store(project, database)
     auth = ProfileAuth(project, secrets, tokens, client, clock)
     engine = Engine(project, client, auth, secrets, bus, wire=wire)

@@ -2,8 +2,8 @@
 
 Step requests are the hot path of a run, so they do not go through httpx's client: a
 :class:`WireRequest` is a plain record (a ``yarl.URL``, parsed once; headers in a
-case-insensitive ``CIMultiDict``), and :class:`ReqwestWire` hands it to one pooled
-pyreqwest client. :class:`HttpxWire` sends the same requests through an
+case-insensitive ``CIMultiDict``), and :class:`AiohttpWire` hands it to one pooled
+``aiohttp.ClientSession``. :class:`HttpxWire` sends the same requests through an
 ``httpx.AsyncClient`` instead; it is used when a transport is given to ``build_runtime``
 (tests inject ``httpx.MockTransport`` that way). Both raise the same errors, and both
 read the body with a size limit before the response is handed back.
@@ -24,15 +24,11 @@ import logging
 import ssl
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
 import httpx
-import pyreqwest.client
-import pyreqwest.exceptions
-import pyreqwest.response
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -42,9 +38,12 @@ from flowrunner.secrets import MaskingFilter
 USER_AGENT = f"flowrunner/{__version__}"
 DEFAULT_TIMEOUT = 30.0
 MAX_CONNECTIONS = 200
-# Idle connections are kept this long; MAX_CONNECTIONS bounds them with the busy ones.
+# aiohttp keeps idle connections until they are this old; it has no separate cap on how
+# many are kept (httpx's max_keepalive_connections), so MAX_CONNECTIONS bounds both.
 KEEPALIVE_SECONDS = 5.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_READ_CHUNK = 65536
+_NO_TIMEOUT = aiohttp.ClientTimeout()  # the exchange is bounded by asyncio.timeout instead
 
 # The httpx client still serves token endpoints and notifications, and httpx logs each
 # request's URL at INFO: mask it like everything else a run writes.
@@ -300,138 +299,104 @@ def default_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-class ReqwestWire:
-    """Step requests over one pooled pyreqwest client (Rust's reqwest and hyper) for the
-    process: on the same work it costs less than half the CPU of aiohttp's client, and the
-    http step is the path every run takes.
+class AiohttpWire:
+    """Step requests over one pooled ``aiohttp.ClientSession`` for the process.
 
-    The client is opened on the first request, inside the running event loop (a runtime
+    The session is opened on the first request, inside the running event loop (a runtime
     may be built before the loop starts). It keeps no cookies (it serves every run, flow
     and profile), follows no redirects (the step does, to keep credentials where they
-    belong), ignores proxy settings of the environment (as aiohttp and the token client
-    do), decompresses gzip and deflate bodies, checks certificates against the system's
-    trust store, and sends ``User-Agent: flowrunner/<version>`` unless the request carries
-    its own."""
+    belong), decompresses gzip and deflate bodies, and sends ``User-Agent:
+    flowrunner/<version>`` unless the request carries its own."""
 
-    def __init__(self) -> None:
-        self._client: pyreqwest.client.Client | None = None
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
-    def client(self) -> pyreqwest.client.Client:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, opened on first use (also shared with the httpx client that
+        calls token endpoints, through its aiohttp transport)."""
+        if self._session is None:
             if self._closed:
                 raise RuntimeError("this connection pool is closed")
-            self._client = (
-                pyreqwest.client.ClientBuilder()
-                .max_connections(MAX_CONNECTIONS)
-                .pool_idle_timeout(timedelta(seconds=KEEPALIVE_SECONDS))
-                .follow_redirects(False)
-                .default_cookie_store(False)
-                .no_proxy()
-                .gzip(True)
-                .deflate(True)
-                .user_agent(USER_AGENT)
-                .build()
+            connector = aiohttp.TCPConnector(
+                limit=MAX_CONNECTIONS,
+                keepalive_timeout=KEEPALIVE_SECONDS,
+                ssl=self._ssl or default_ssl_context(),
             )
-        return self._client
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": USER_AGENT},
+                timeout=aiohttp.ClientTimeout(total=DEFAULT_TIMEOUT),
+                auto_decompress=True,
+            )
+        return self._session
 
     async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
-        client = self._client or self.client()
-        # reqwest's own timeout bounds the whole exchange, body included. Not an asyncio
-        # timer per request: arming and cancelling one cost the event loop about 25 us a
-        # request here, a tenth of the request itself.
-        builder = client.request(request.method, str(request.url)).timeout(
-            _timedelta(request.timeout)
-        )
-        if request.headers:
-            builder = builder.headers(list(request.headers.items()))  # repeats kept
-        if request.content is not None:
-            builder = builder.body_bytes(request.content)
+        session = self._session or self.session()
         try:
-            async with builder.build_streamed() as response:
-                headers = CIMultiDictProxy(CIMultiDict(response.headers.items()))
-                if request.method == "HEAD":
-                    content = b""  # no body, whatever Content-Length says
-                else:
-                    content = await _read_reqwest(response, headers, body_limit)
-        except pyreqwest.exceptions.RequestTimeoutError as exc:
+            # asyncio's own timeout, not aiohttp's: when the step's timeout expires at the
+            # same moment, asyncio tells the two apart and the step's wins.
+            async with asyncio.timeout(request.timeout):
+                response = await session.request(
+                    request.method,
+                    request.url,
+                    headers=request.headers,
+                    data=request.content,
+                    allow_redirects=False,
+                    timeout=_NO_TIMEOUT,
+                )
+                try:
+                    if request.method == "HEAD":
+                        content = await response.read()  # no body, whatever Content-Length says
+                    else:
+                        content = await _read_aiohttp(response, body_limit)
+                finally:
+                    response.release()
+        except TimeoutError as exc:
             raise WireTimeout(f"no complete answer within {request.timeout:g}s") from exc
-        except pyreqwest.exceptions.RequestError as exc:
-            raise _connection_error(exc, request.url) from exc
+        except aiohttp.ClientPayloadError as exc:  # the body was cut short
+            raise WireConnectionError("ReadError", str(exc)) from exc
+        except aiohttp.ClientResponseError as exc:  # not HTTP, or malformed
+            raise WireConnectionError("RemoteProtocolError", exc.message) from exc
+        except aiohttp.ClientConnectionError as exc:  # refused, reset, DNS, hung up
+            raise WireConnectionError("ConnectError", str(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise WireConnectionError(type(exc).__name__, str(exc)) from exc
         return WireResponse(
-            response.status,
-            headers,
-            content,
-            charset_of(headers.get("Content-Type")),
-            request.url,
-            request,
+            response.status, response.headers, content, response.charset, response.url, request
         )
 
     async def aclose(self) -> None:
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
-@functools.lru_cache(maxsize=64)
-def _timedelta(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
-
-
-async def _read_reqwest(
-    response: pyreqwest.response.Response, headers: CIMultiDictProxy[str], limit: int
-) -> bytes:
-    length = headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BodyTooLarge(limit)  # refused unread; the connection is not reused
-    reader = response.body_reader
+async def _read_aiohttp(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    length = response.content_length
+    encoded = "Content-Encoding" in response.headers  # decompressed, it may be any size
+    if length is not None and not encoded:
+        if length > limit:
+            response.close()
+            raise BodyTooLarge(limit)
+        return await response.read()
     chunks: list[bytes] = []
     size = 0
-    while (chunk := await reader.read_chunk()) is not None:
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge(limit)  # decompressed, or streamed: read until past it
-        chunks.append(chunk.to_bytes())
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _connection_error(exc: pyreqwest.exceptions.RequestError, url: URL) -> WireConnectionError:
-    """reqwest's error as the step's error shows it: the kind httpx would name, and the
-    cause a human can act on (its first cause only repeats the URL, which may carry a
-    credential in its query)."""
-    causes = [c["message"] for c in (exc.details.get("causes") or [])]
-    detail = causes[-1] if causes else exc.message
-    if isinstance(exc, pyreqwest.exceptions.ConnectError):
-        if "client error (Connect)" in causes:
-            return WireConnectionError(
-                "ConnectError", f"Cannot connect to host {url.host}:{url.port} [{detail}]"
-            )
-        return WireConnectionError("ConnectError", f"the server hung up: {detail}")
-    if isinstance(exc, pyreqwest.exceptions.BodyDecodeError | pyreqwest.exceptions.ReadError):
-        return WireConnectionError("ReadError", detail)
-    if isinstance(exc, pyreqwest.exceptions.WriteError):
-        return WireConnectionError("WriteError", detail)
-    if isinstance(exc, pyreqwest.exceptions.DecodeError):  # not HTTP, or malformed
-        return WireConnectionError("RemoteProtocolError", detail)
-    return WireConnectionError(type(exc).__name__, detail)
-
-
-@functools.lru_cache(maxsize=64)
-def charset_of(content_type: str | None) -> str | None:
-    """The charset parameter of a Content-Type header, if any."""
-    if not content_type:
-        return None
-    for parameter in content_type.split(";")[1:]:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            return value.strip().strip('"') or None
-    return None
+            response.close()  # the rest is never read: the connection is not reused
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class HttpxWire:
     """Step requests through an ``httpx.AsyncClient`` (one built on an injected
-    transport), with the same errors and the same bounded body read as ReqwestWire."""
+    transport), with the same errors and the same bounded body read as AiohttpWire."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
