@@ -204,7 +204,8 @@ async def _baseline(args: argparse.Namespace) -> dict[str, Any]:
             return await response.json()
 
     async def post_json(url: str, body: Any) -> Any:
-        data = json.dumps(body).encode()
+        # Compact UTF-8 JSON, as flowrunner (and httpx) send it: the same bytes on the wire.
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         async with session.post(url, data=data, headers=post_headers) as response:
             if response.status != 201:
                 raise RuntimeError(f"POST {url}: {response.status}")

@@ -124,6 +124,7 @@ def serve_baseline(port: int, upstream_url: str, token: str) -> None:
     from starlette.routing import Route
 
     headers = {"Authorization": f"Bearer {token}", "User-Agent": "flowrunner"}
+    json_type = {"Content-Type": "application/json"}
     session: aiohttp.ClientSession | None = None
 
     @contextlib.asynccontextmanager
@@ -148,7 +149,9 @@ def serve_baseline(port: int, upstream_url: str, token: str) -> None:
             "email": customer["email"],
             "lines": [{"sku": "A-1", "qty": 2}],
         }
-        async with session.post(f"{upstream_url}/orders", json=order) as response:
+        # Compact UTF-8 JSON, as flowrunner (and httpx) send it: the same bytes.
+        data = json.dumps(order, separators=(",", ":"), ensure_ascii=False).encode()
+        async with session.post(f"{upstream_url}/orders", data=data, headers=json_type) as response:
             if response.status != 201:
                 return JSONResponse({"error": f"order: {response.status}"}, 502)
             created = await response.json()

@@ -30,6 +30,7 @@ def loads(text: str) -> Any:
     return json.loads(text)
 
 
+_COMPACT = (",", ":")  # as orjson writes
 _LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
 NOT_READ: Any = object()  # what loads_utf8 gives when it leaves the reading to loads
 
@@ -52,11 +53,11 @@ def dumps_bytes(value: Any, default: Callable[[Any], Any] = str) -> bytes:
     try:
         return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:  # an integer beyond 64 bits, a lone surrogate
-        text = json.dumps(value, default=default, ensure_ascii=False)
+        text = json.dumps(value, default=default, ensure_ascii=False, separators=_COMPACT)
         try:
             return text.encode()
         except UnicodeEncodeError:  # a lone surrogate: UTF-8 cannot carry it, \uXXXX can
-            return json.dumps(value, default=default).encode()
+            return json.dumps(value, default=default, separators=_COMPACT).encode()
 
 
 def dumps(value: Any, default: Callable[[Any], Any] = str) -> str:

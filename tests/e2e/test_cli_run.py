@@ -223,7 +223,7 @@ def test_dry_run_prints_masked_requests_and_sends_nothing(
     assert f"greet: POST {server.base_url}/echo?key={key}" in out
     assert "authorization: ***" in out
     assert "x-key: ***" in out
-    assert '"greeting": "hello Bob"' in out
+    assert '"greeting":"hello Bob"' in out
     assert SECRET not in out + result.stderr
     assert server.count(key) == 0
     assert runs_in_history(root) == []

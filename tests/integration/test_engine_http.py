@@ -112,6 +112,32 @@ async def test_non_ascii_header_fails_the_step_clearly(
     assert upstream.state.count(key) == 0
 
 
+async def test_json_body_is_compact_utf8_json(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory
+) -> None:
+    """The body is sent as httpx sends json=: compact, non-ASCII characters as UTF-8, an
+    integer beyond 64 bits whole."""
+    record = await run_flow(
+        write_project,
+        open_runtime,
+        """
+        name: f
+        steps:
+          - id: post
+            http:
+              method: post
+              url: @BASE@/echo
+              json: {name: "Zoë", id: 123456789012345678901234567890, tags: [a, 1]}
+            outputs:
+              raw: $.body
+        """,
+    )
+    assert record.status == "succeeded", record.error
+    assert record.steps[0].outputs == {
+        "raw": '{"name":"Zoë","id":123456789012345678901234567890,"tags":["a",1]}'
+    }
+
+
 async def test_json_body_is_sent_as_json(
     write_project: ProjectWriter, open_runtime: RuntimeFactory
 ) -> None:

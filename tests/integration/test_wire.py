@@ -375,7 +375,7 @@ async def test_redirects_follow_the_browsers_rules(
     assert record.status == "succeeded", record.error
     assert record.outputs is not None
     assert record.outputs["see_other"] == "GET "
-    assert record.outputs["temporary"] == 'POST {"a": 1}'
+    assert record.outputs["temporary"] == 'POST {"a":1}'
     assert record.outputs["error"].endswith("/bounce: more than 20 redirects")
     (away,) = upstream.state.requests(f"{key}-away")
     assert "authorization" not in away["headers"]
