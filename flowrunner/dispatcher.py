@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from flowrunner.deadlines import Deadlines
 from flowrunner.engine import Engine
 from flowrunner.errors import FlowrunnerError
 from flowrunner.runtime import INTERRUPTED_MESSAGE, RunStatus
@@ -52,6 +53,7 @@ class Dispatcher:
         self._idle = False  # the last look at the queue found nothing waiting
         self._reserved = 0  # slots taken by runs being stored, about to start
         self._storing: dict[str, int] = {}  # runs being stored, by flow
+        self._deadlines = Deadlines()  # of the webhooks waiting for their runs
         # Told of runs refused at intake (skipped, failed): they never reach the engine,
         # whose events feed the metrics.
         self.on_refused: Callable[[RunRecord], None] | None = None
@@ -152,7 +154,7 @@ class Dispatcher:
         future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(future)
         try:
-            async with asyncio.timeout(seconds):
+            async with self._deadlines.within(seconds):
                 return await future
         except TimeoutError:
             return None

@@ -33,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from flowrunner import __version__
+from flowrunner.deadlines import Deadlines
 from flowrunner.secrets import MaskingFilter
 
 USER_AGENT = f"flowrunner/{__version__}"
@@ -43,7 +44,7 @@ MAX_CONNECTIONS = 200
 KEEPALIVE_SECONDS = 5.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _READ_CHUNK = 65536
-_NO_TIMEOUT = aiohttp.ClientTimeout()  # the exchange is bounded by asyncio.timeout instead
+_NO_TIMEOUT = aiohttp.ClientTimeout()  # the exchange is bounded by a deadline watch instead
 
 # The httpx client still serves token endpoints and notifications, and httpx logs each
 # request's URL at INFO: mask it like everything else a run writes.
@@ -312,6 +313,7 @@ class AiohttpWire:
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._deadlines = Deadlines()
 
     def session(self) -> aiohttp.ClientSession:
         """The pooled session, opened on first use (also shared with the httpx client that
@@ -335,27 +337,30 @@ class AiohttpWire:
 
     async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
         session = self._session or self.session()
+        # Not aiohttp's timeout: when the step's timeout expires at the same moment, the
+        # two are told apart and the step's wins. A watch of flowrunner.deadlines rather
+        # than asyncio.timeout: no timer armed and cancelled per request.
+        watch = self._deadlines.start(request.timeout)
         try:
-            # asyncio's own timeout, not aiohttp's: when the step's timeout expires at the
-            # same moment, asyncio tells the two apart and the step's wins.
-            async with asyncio.timeout(request.timeout):
-                response = await session.request(
-                    request.method,
-                    request.url,
-                    headers=request.headers,
-                    data=request.content,
-                    allow_redirects=False,
-                    timeout=_NO_TIMEOUT,
-                )
-                try:
-                    if request.method == "HEAD":
-                        content = await response.read()  # no body, whatever Content-Length says
-                    else:
-                        content = await _read_aiohttp(response, body_limit)
-                finally:
-                    response.release()
-        except TimeoutError as exc:
-            raise WireTimeout(f"no complete answer within {request.timeout:g}s") from exc
+            response = await session.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.content,
+                allow_redirects=False,
+                timeout=_NO_TIMEOUT,
+            )
+            try:
+                if request.method == "HEAD":
+                    content = await response.read()  # no body, whatever Content-Length says
+                else:
+                    content = await _read_aiohttp(response, body_limit)
+            finally:
+                response.release()
+        except asyncio.CancelledError:
+            if watch.timed_out():
+                raise WireTimeout(f"no complete answer within {request.timeout:g}s") from None
+            raise
         except aiohttp.ClientPayloadError as exc:  # the body was cut short
             raise WireConnectionError("ReadError", str(exc)) from exc
         except aiohttp.ClientResponseError as exc:  # not HTTP, or malformed
@@ -364,12 +369,15 @@ class AiohttpWire:
             raise WireConnectionError("ConnectError", str(exc)) from exc
         except aiohttp.ClientError as exc:
             raise WireConnectionError(type(exc).__name__, str(exc)) from exc
+        finally:
+            watch.close()
         return WireResponse(
             response.status, response.headers, content, response.charset, response.url, request
         )
 
     async def aclose(self) -> None:
         self._closed = True
+        self._deadlines.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
