@@ -3,9 +3,15 @@ transaction, with one ``executemany`` per statement.
 
 Under load, a webhook's intake row, the history of the runs that just ended and the
 intake rows they no longer need are written together, instead of one transaction each:
-on SQLite a transaction costs far more than a row. A write is submitted on the event loop
-and committed at the loop's next turn; whoever needs it durable (an intake before its
-2xx, a run's history before ``flowrunner run`` exits) awaits its future.
+on SQLite a transaction costs far more than a row. A write is submitted on the event loop;
+whoever needs it durable (an intake before its 2xx, a run's history before ``flowrunner
+run`` exits) awaits its future.
+
+The transactions are run by a writer thread, one at a time, so that the event loop never
+waits for the disk: after a checkpoint, SQLite's next commit restarts its log and syncs
+it, which held the loop for 40-60 ms here. What is submitted while a transaction is in
+flight goes into the next one, which starts as soon as it is done: the busier the disk,
+the larger the batches.
 
 If the shared transaction fails (a duplicate key, say), every write in it is retried
 alone, so one bad write fails only its own future.
@@ -15,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, PoolProxiedConnection
@@ -41,6 +48,21 @@ class _Write:
     rows: Sequence[Row]
     alone: Callable[[Connection], Any] | None
     future: asyncio.Future[Any] | None
+
+
+# A future, and the result or the error it is to be given.
+_Outcome = tuple[asyncio.Future[Any], Any, Exception | None]
+
+
+@dataclass
+class _Batch:
+    """Writes handed to the writer thread: their outcomes go back to ``loop``, or to a
+    synchronous flush waiting on ``done``."""
+
+    writes: list[_Write]
+    loop: asyncio.AbstractEventLoop | None
+    done: threading.Event | None = None
+    outcomes: list[_Outcome] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,10 @@ class WriteBatcher:
         # Since start: transactions committed, and the writes they carried (the metrics).
         self.commits = 0
         self.written = 0
+        # The writer thread, started on the first hand-off, and whether a batch is with it.
+        self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._busy = False
 
     def submit(
         self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
@@ -111,33 +137,101 @@ class WriteBatcher:
 
     def _add(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
         self._pending.append(write)
-        if self._scheduled is None:
+        if self._scheduled is None and not self._busy:
             # At the loop's next turn, after the callbacks already ready: everything the
             # runs in flight submit meanwhile joins this commit.
-            self._scheduled = loop.call_soon(self.flush)
+            self._scheduled = loop.call_soon(self._hand_off, loop)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def flush(self) -> None:
-        """Commit everything pending now (also what shutdown calls)."""
+    def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give what is pending to the writer thread (on the event loop)."""
         self._scheduled = None
         writes, self._pending = self._pending, []
         if not writes:
             return
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(
+                target=self._write_batches, name="state-writer", daemon=True
+            )
+            self._writer.start()
+        self._busy = True
+        self._batches.put(_Batch(writes, loop))
+
+    def _write_batches(self) -> None:
+        """The writer thread: one transaction at a time, its outcome sent to the loop (or
+        to a synchronous flush waiting for it)."""
+        while (batch := self._batches.get()) is not None:
+            try:
+                batch.outcomes = self._write(batch.writes)
+            except BaseException as exc:  # a bug of ours: every waiting write hears of it
+                log.exception("the state store's writer failed")
+                error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                batch.outcomes = [(w.future, None, error) for w in batch.writes if w.future]
+            if batch.done is not None or batch.loop is None:
+                if batch.done is not None:
+                    batch.done.set()
+                continue
+            try:
+                batch.loop.call_soon_threadsafe(self._written, batch.loop, batch.outcomes)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                self._busy = False
+
+    def _written(self, loop: asyncio.AbstractEventLoop, outcomes: list[_Outcome]) -> None:
+        """Back on the loop: resolve the futures, and hand off what came meanwhile."""
+        self._busy = False
+        for future, result, error in outcomes:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+        if self._pending and self._scheduled is None:
+            self._scheduled = loop.call_soon(self._hand_off, loop)
+
+    def flush(self) -> None:
+        """Commit everything pending now and wait for it (what shutdown calls), after the
+        batch the writer thread may hold: writes are committed in the order submitted."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        writes, self._pending = self._pending, []
+        if not writes:
+            return
+        if self._writer is not None and self._writer.is_alive():
+            batch = _Batch(writes, None, threading.Event())
+            self._batches.put(batch)
+            batch.done.wait()  # type: ignore[union-attr]
+            outcomes = batch.outcomes
+        else:
+            outcomes = self._write(writes)
+        for future, result, error in outcomes:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def _write(self, writes: list[_Write]) -> list[_Outcome]:
+        """Commit the writes together, or each alone if that fails; what each future is to
+        be given. Touches no future (it may run on the writer thread)."""
         try:
             self._commit([row for write in writes for row in write.rows])
         except Exception:
             if len(writes) > 1:
                 log.debug("a group commit failed; writing its %d writes one by one", len(writes))
+            outcomes: list[_Outcome] = []
             for write in writes:
-                self._write_alone(write)
-            return
+                result, error = self._write_alone(write)
+                if write.future is not None:
+                    outcomes.append((write.future, result, error))
+            return outcomes
         self.written += len(writes)
-        for write in writes:
-            if write.future is not None and not write.future.done():
-                write.future.set_result(None)
+        return [(write.future, None, None) for write in writes if write.future is not None]
 
     def write_now(self, rows: Sequence[Row]) -> None:
         """Write ``rows`` now, in a transaction of their own (outside the group commits:
@@ -146,9 +240,14 @@ class WriteBatcher:
         self.written += 1
 
     def close(self) -> None:
-        """Commit what is pending and give the connection back to the pool. A write that
-        still comes (a timer firing during shutdown) opens a connection for itself."""
+        """Commit what is pending, stop the writer thread and give the connection back to
+        the pool. A write that still comes (a timer firing during shutdown) opens a
+        connection for itself."""
         self.flush()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._batches.put(None)
+            writer.join(timeout=30)
         with self._lock:
             self._closed = True
             connection, self._connection = self._connection, None
@@ -206,7 +305,8 @@ class WriteBatcher:
             prepared = self._prepared[key] = _Prepared.of(statement, keys, self.engine.dialect)
         return prepared
 
-    def _write_alone(self, write: _Write) -> None:
+    def _write_alone(self, write: _Write) -> tuple[Any, Exception | None]:
+        """Do one write in a transaction of its own: its result, or what it raised."""
         result = None
         try:
             if write.alone is None:
@@ -218,9 +318,6 @@ class WriteBatcher:
         except Exception as exc:
             if write.future is None:
                 log.exception("a deferred write to the state store failed")
-            elif not write.future.done():
-                write.future.set_exception(exc)
-            return
+            return None, exc
         self.written += 1
-        if write.future is not None and not write.future.done():
-            write.future.set_result(result)
+        return result, None

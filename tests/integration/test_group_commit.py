@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -297,4 +298,71 @@ async def test_a_history_that_cannot_be_written_still_leaves_the_queue(
     await asyncio.sleep(0)  # the removal, retried alone, is committed in the same flush
     assert rows(database, "SELECT id FROM run_queue") == []
     assert rows(database, "SELECT id FROM runs") == []
+    database.close()
+
+
+def slow_down_inserts(database: Database, seconds: float) -> None:
+    """Every intake row inserted from now on takes ``seconds`` more to write (a trigger
+    calls a function that sleeps): a disk that stalls, as SQLite's log restart does."""
+
+    def add_function(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.create_function("stall", 0, lambda: time.sleep(seconds))
+
+    event.listen(database.engine, "checkout", add_function)
+    with database.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER stall_inserts AFTER INSERT ON run_queue BEGIN SELECT stall(); END"
+        )
+
+
+async def test_the_event_loop_runs_on_while_a_commit_waits_for_the_disk(
+    database: Database,
+) -> None:
+    """The transaction runs on the writer thread: an intake that takes 0.3 s to commit is
+    answered only then, and meanwhile the loop keeps serving everything else."""
+    slow_down_inserts(database, 0.3)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        for _ in range(40):  # 0.4 s at most
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await queue.enqueue(queued("slow"))
+    assert time.monotonic() - started >= 0.3
+    await ticker
+    assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.15
+    assert rows(database, "SELECT id FROM run_queue") == [("slow",)]
+    database.close()
+
+
+async def test_writes_submitted_during_a_commit_share_the_next_one(database: Database) -> None:
+    slow_down_inserts(database, 0.2)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    commits = count_commits(database)
+    first = asyncio.create_task(queue.enqueue(queued("first")))
+    await asyncio.sleep(0.05)  # the first transaction is with the writer thread
+    later = [queue.enqueue(queued(f"later-{n}")) for n in range(5)]
+    await asyncio.gather(first, *later)
+    assert len(commits) == 2
+    assert len(rows(database, "SELECT id FROM run_queue")) == 6
+    database.close()
+
+
+async def test_a_flush_commits_after_the_batch_the_writer_holds(database: Database) -> None:
+    """Shutdown flushes on the loop's thread while the writer thread may still hold a
+    batch: writes keep the order they were submitted in (an intake row, then its
+    removal), so the row is gone in the end."""
+    slow_down_inserts(database, 0.2)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    intake = asyncio.create_task(queue.enqueue(queued("run")))
+    await asyncio.sleep(0.05)
+    queue.finish_later("run")
+    database.writes.flush()
+    assert rows(database, "SELECT id FROM run_queue") == []
+    await intake
     database.close()
