@@ -24,66 +24,95 @@ GRANULARITY = 0.05  # seconds
 class Deadlines:
     def __init__(self, granularity: float = GRANULARITY) -> None:
         self.granularity = granularity
-        self._open: dict[Watch, None] = {}  # an ordered set
-        self._sweep: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Per event loop (one after another, or in threads of their own): the watches
+        # open on it, and its sweeping timer while any is open.
+        self._loops: dict[asyncio.AbstractEventLoop, _Sweep] = {}
 
     def start(self, seconds: float) -> Watch:
         """Watch the running task for ``seconds``: past them, it is cancelled. The caller
-        closes the watch when done, and asks it, on CancelledError, whether that was the
-        deadline (the sync form of :meth:`within`, for the hottest paths)."""
+        closes the watch when done (in ``finally``), and asks it, on CancelledError,
+        whether that was the deadline (the sync form of :meth:`within`, for the hottest
+        paths)."""
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("a deadline needs a running task")
         loop = task.get_loop()
-        watch = Watch(self, task, loop.time() + seconds)
-        self._open[watch] = None
-        if self._sweep is None or self._loop is not loop:
-            self._loop = loop
-            self._sweep = loop.call_later(self.granularity, self._sweep_once)
+        sweep = self._loops.get(loop)
+        if sweep is None:
+            for gone in [other for other in self._loops if other.is_closed()]:
+                del self._loops[gone]  # a loop closed with its timer still set
+            sweep = self._loops[loop] = _Sweep(self, loop)
+        watch = Watch(sweep, task, loop.time() + seconds)
+        sweep.open[watch] = None
+        if sweep.timer is None:
+            sweep.timer = loop.call_later(self.granularity, sweep.run)
         return watch
 
     def within(self, seconds: float) -> _Within:
         """``async with deadlines.within(seconds):`` raises TimeoutError past ``seconds``."""
         return _Within(self, seconds)
 
-    def _sweep_once(self) -> None:
-        loop, self._sweep = self._loop, None
-        if loop is None:
-            return
-        now = loop.time()
-        for watch in list(self._open):
-            if not watch.expired and watch.deadline <= now:
-                watch.expired = True
-                watch.task.cancel()
-        if self._open:
-            self._sweep = loop.call_later(self.granularity, self._sweep_once)
-
     def close(self) -> None:
-        """Stop the sweeping timer (the watches still open keep no deadline)."""
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
+        """Stop the sweeping timers (the watches still open keep no deadline)."""
+        for sweep in list(self._loops.values()):
+            if sweep.timer is not None:
+                sweep.timer.cancel()
+        self._loops.clear()
+
+
+class _Sweep:
+    """One event loop's open watches, and the timer that sweeps them."""
+
+    __slots__ = ("deadlines", "loop", "open", "timer")
+
+    def __init__(self, deadlines: Deadlines, loop: asyncio.AbstractEventLoop) -> None:
+        self.deadlines = deadlines
+        self.loop = loop
+        self.open: dict[Watch, None] = {}  # an ordered set
+        self.timer: asyncio.TimerHandle | None = None
+
+    def run(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        expired = [w for w in self.open if not w.expired and w.deadline <= now]
+        if self.open:
+            self.timer = self.loop.call_later(self.deadlines.granularity, self.run)
+        else:
+            self.deadlines._loops.pop(self.loop, None)  # keeps no finished loop alive
+        for watch in expired:
+            watch.expired = True
+            watch.task.cancel()
 
 
 class Watch:
-    __slots__ = ("cancelling", "deadline", "deadlines", "expired", "task")
+    __slots__ = ("cancelling", "deadline", "expired", "settled", "sweep", "task")
 
-    def __init__(self, deadlines: Deadlines, task: asyncio.Task[object], deadline: float) -> None:
-        self.deadlines = deadlines
+    def __init__(self, sweep: _Sweep, task: asyncio.Task[object], deadline: float) -> None:
+        self.sweep = sweep
         self.task = task
         self.deadline = deadline
         self.expired = False
+        self.settled = False  # the deadline's cancellation taken back from the task
         self.cancelling = task.cancelling()
-
-    def close(self) -> None:
-        self.deadlines._open.pop(self, None)
 
     def timed_out(self) -> bool:
         """Asked on CancelledError: True when the deadline was the only cancellation since
         the watch started (the CancelledError is then the watch's to turn into a timeout);
         False when someone else cancelled the task too."""
-        return self.expired and self.task.uncancel() <= self.cancelling
+        return self.expired and self._settle() <= self.cancelling
+
+    def close(self) -> None:
+        self.sweep.open.pop(self, None)
+        if self.expired:
+            # As asyncio.timeout does, whatever the block raised: no cancellation of the
+            # deadline's is left on the task for a later timeout to misread.
+            self._settle()
+
+    def _settle(self) -> int:
+        if self.settled:
+            return self.task.cancelling()
+        self.settled = True
+        return self.task.uncancel()
 
 
 class _Within:
@@ -102,6 +131,7 @@ class _Within:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        timed_out = exc_type is asyncio.CancelledError and self.watch.timed_out()
         self.watch.close()
-        if exc_type is asyncio.CancelledError and self.watch.timed_out():
+        if timed_out:
             raise TimeoutError(f"no answer within {self.seconds:g}s") from exc

@@ -167,7 +167,7 @@ class Engine:
         )
         await self.bus.publish(RunEvent("run_started", record))
         try:
-            if flow.timeout is None:
+            if not flow.timeout:  # none, or 0s: no limit
                 record.outputs = await self._execute(flow, trigger, inputs, context, "")
             else:
                 async with asyncio.timeout(flow.timeout.total_seconds()):

@@ -54,6 +54,17 @@ class _Write:
 _Outcome = tuple[asyncio.Future[Any], Any, Exception | None]
 
 
+def _resolve(outcomes: list[_Outcome]) -> None:
+    """Give each future its result or error (on its loop's thread), unless it is done."""
+    for future, result, error in outcomes:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
 @dataclass
 class _Batch:
     """Writes handed to the writer thread: their outcomes go back to ``loop``, or to a
@@ -108,10 +119,12 @@ class WriteBatcher:
         # Since start: transactions committed, and the writes they carried (the metrics).
         self.commits = 0
         self.written = 0
+        self._counting = threading.Lock()
         # The writer thread, started on the first hand-off, and whether a batch is with it.
         self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        self._busy = False
+        self._busy: asyncio.AbstractEventLoop | None = None  # the loop of the batch with it
+        self._handed = 0  # how many writes that batch carries
 
     def submit(
         self, rows: Sequence[Row], alone: Callable[[Connection], Any] | None = None
@@ -137,14 +150,19 @@ class WriteBatcher:
 
     def _add(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
         self._pending.append(write)
-        if self._scheduled is None and not self._busy:
+        if self._busy is not None and self._busy is not loop:
+            # The batch with the writer belongs to a loop that is gone (a runtime used by
+            # a second asyncio.run): its answer will never come back here.
+            self._busy, self._handed = None, 0
+        if self._scheduled is None and self._busy is None:
             # At the loop's next turn, after the callbacks already ready: everything the
             # runs in flight submit meanwhile joins this commit.
             self._scheduled = loop.call_soon(self._hand_off, loop)
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Writes not committed yet: waiting, or with the writer thread."""
+        return len(self._pending) + self._handed
 
     def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
         """Give what is pending to the writer thread (on the event loop)."""
@@ -152,12 +170,17 @@ class WriteBatcher:
         writes, self._pending = self._pending, []
         if not writes:
             return
+        if self._closed:
+            # A write after close (a timer firing during shutdown): no thread is started
+            # again for it; it is committed here, on a connection of its own.
+            _resolve(self._write(writes))
+            return
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(
                 target=self._write_batches, name="state-writer", daemon=True
             )
             self._writer.start()
-        self._busy = True
+        self._busy, self._handed = loop, len(writes)
         self._batches.put(_Batch(writes, loop))
 
     def _write_batches(self) -> None:
@@ -170,26 +193,20 @@ class WriteBatcher:
                 log.exception("the state store's writer failed")
                 error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
                 batch.outcomes = [(w.future, None, error) for w in batch.writes if w.future]
-            if batch.done is not None or batch.loop is None:
-                if batch.done is not None:
-                    batch.done.set()
-                continue
-            try:
-                batch.loop.call_soon_threadsafe(self._written, batch.loop, batch.outcomes)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                self._busy = False
+            if batch.done is not None:
+                batch.done.set()
+            elif batch.loop is not None:
+                try:
+                    batch.loop.call_soon_threadsafe(self._written, batch.loop, batch.outcomes)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    pass
 
     def _written(self, loop: asyncio.AbstractEventLoop, outcomes: list[_Outcome]) -> None:
         """Back on the loop: resolve the futures, and hand off what came meanwhile."""
-        self._busy = False
-        for future, result, error in outcomes:
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-        if self._pending and self._scheduled is None:
+        if self._busy is loop:
+            self._busy, self._handed = None, 0
+        _resolve(outcomes)
+        if self._pending and self._scheduled is None and self._busy is None:
             self._scheduled = loop.call_soon(self._hand_off, loop)
 
     def flush(self) -> None:
@@ -205,16 +222,9 @@ class WriteBatcher:
             batch = _Batch(writes, None, threading.Event())
             self._batches.put(batch)
             batch.done.wait()  # type: ignore[union-attr]
-            outcomes = batch.outcomes
+            _resolve(batch.outcomes)
         else:
-            outcomes = self._write(writes)
-        for future, result, error in outcomes:
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
+            _resolve(self._write(writes))
 
     def _write(self, writes: list[_Write]) -> list[_Outcome]:
         """Commit the writes together, or each alone if that fails; what each future is to
@@ -230,14 +240,20 @@ class WriteBatcher:
                 if write.future is not None:
                     outcomes.append((write.future, result, error))
             return outcomes
-        self.written += len(writes)
+        self._count(written=len(writes))
         return [(write.future, None, None) for write in writes if write.future is not None]
 
     def write_now(self, rows: Sequence[Row]) -> None:
         """Write ``rows`` now, in a transaction of their own (outside the group commits:
         the synchronous paths, such as recovery at start-up)."""
         self._commit(rows)
-        self.written += 1
+        self._count(written=1)
+
+    def _count(self, commits: int = 0, written: int = 0) -> None:
+        # Both threads count (the writer, and the loop's synchronous paths).
+        with self._counting:
+            self.commits += commits
+            self.written += written
 
     def close(self) -> None:
         """Commit what is pending, stop the writer thread and give the connection back to
@@ -277,7 +293,7 @@ class WriteBatcher:
                 finally:
                     cursor.close()
                 connection.commit()
-                self.commits += 1
+                self._count(commits=1)
             except BaseException:
                 self._rollback(connection)
                 raise
@@ -314,10 +330,10 @@ class WriteBatcher:
             else:
                 with self.engine.begin() as conn:
                     result = write.alone(conn)
-                self.commits += 1
+                self._count(commits=1)
         except Exception as exc:
             if write.future is None:
                 log.exception("a deferred write to the state store failed")
             return None, exc
-        self.written += 1
+        self._count(written=1)
         return result, None

@@ -512,6 +512,25 @@ async def test_on_error_continue_exposes_the_error(
     assert record.steps[0].error == outputs["message"]
 
 
+async def test_a_flow_timeout_of_zero_means_no_limit(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory
+) -> None:
+    record = await run_flow(
+        write_project,
+        open_runtime,
+        {
+            "main": """
+            name: main
+            timeout: 0s
+            steps:
+              - id: pause
+                wait: 50ms
+            """
+        },
+    )
+    assert record.status == "succeeded", record.error
+
+
 async def test_flow_timeout_fails_the_run(
     write_project: ProjectWriter, open_runtime: RuntimeFactory
 ) -> None:

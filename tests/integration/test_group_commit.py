@@ -366,3 +366,37 @@ async def test_a_flush_commits_after_the_batch_the_writer_holds(database: Databa
     assert rows(database, "SELECT id FROM run_queue") == []
     await intake
     database.close()
+
+
+def test_a_runtime_used_by_a_second_event_loop_still_commits(database: Database) -> None:
+    """A batch handed off by a loop that closed before hearing back (the CLI runs
+    asyncio.run more than once) does not hold up the writes of the next loop."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    first = asyncio.new_event_loop()
+
+    async def finish_and_leave() -> None:
+        queue.finish_later("gone")
+        await asyncio.sleep(0)  # handed to the writer thread
+
+    first.run_until_complete(finish_and_leave())
+    time.sleep(0.2)  # the writer is done; its answer waits for a loop that never runs
+    first.close()
+
+    async def enqueue() -> str:
+        return await asyncio.wait_for(queue.enqueue(queued("next")), 5)
+
+    assert asyncio.run(enqueue()) == "next"
+    assert rows(database, "SELECT id FROM run_queue") == [("next",)]
+    database.close()
+
+
+async def test_a_write_after_close_is_committed_without_a_writer_thread(
+    database: Database,
+) -> None:
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    await queue.enqueue(queued("run"))
+    database.close()
+    queue.finish_later("run")  # a timer firing during shutdown
+    await asyncio.sleep(0)
+    assert rows(database, "SELECT id FROM run_queue") == []
+    assert "state-writer" not in [thread.name for thread in threading.enumerate()]

@@ -4,6 +4,7 @@ semantics (TimeoutError past the deadline; an outer cancellation is told apart).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -35,7 +36,7 @@ async def test_blocks_in_time_finish_and_the_timer_stops_when_none_is_open() -> 
 
     assert await asyncio.gather(*(quick(i) for i in range(50))) == list(range(50))
     await asyncio.sleep(GRANULARITY * 3)
-    assert deadlines._sweep is None and not deadlines._open
+    assert deadlines._loops == {}  # no timer left, and the loop not held
 
 
 async def test_each_block_keeps_its_own_deadline() -> None:
@@ -73,7 +74,8 @@ async def test_an_outer_cancellation_at_the_same_time_wins() -> None:
 
     task = asyncio.create_task(body())
     await entered.wait()
-    deadlines._sweep_once()  # the deadline cancels the task; in the same instant, so do we
+    watch_sweep = deadlines._loops[asyncio.get_running_loop()]
+    watch_sweep.run()  # the deadline cancels the task; in the same instant, so do we
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -102,3 +104,51 @@ def test_one_deadlines_serves_one_event_loop_after_another() -> None:
 
     assert asyncio.run(timed_out())
     assert asyncio.run(timed_out())
+
+
+async def test_a_deadline_leaves_no_cancellation_behind_whatever_the_block_raised() -> None:
+    """A block that turns the cancellation into another error: once it ends, the task
+    carries no cancellation of the deadline's, so that an outer timeout still reads its
+    own expiry as a timeout."""
+    deadlines = Deadlines(GRANULARITY)
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(ValueError):
+        watch = deadlines.start(0.02)
+        try:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                raise ValueError("converted") from None
+        finally:
+            watch.close()
+    assert task.cancelling() == 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.02):
+            await asyncio.sleep(1)
+
+
+def test_loops_running_at_once_in_threads_keep_their_own_deadlines() -> None:
+    deadlines = Deadlines(GRANULARITY)
+    elapsed: dict[str, float] = {}
+
+    def run(name: str, limit: float) -> None:
+        async def wait() -> None:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with deadlines.within(limit):
+                    await asyncio.sleep(5)
+            elapsed[name] = time.monotonic() - started
+
+        asyncio.run(wait())
+
+    threads = [
+        threading.Thread(target=run, args=("short", 0.1)),
+        threading.Thread(target=run, args=("long", 0.6)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert 0.1 <= elapsed["short"] < 0.4
+    assert 0.6 <= elapsed["long"] < 1.2
