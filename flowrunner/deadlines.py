@@ -1,9 +1,9 @@
-"""Deadlines for many short waits, kept by one timer instead of one each.
+"""Deadlines for many short waits, kept by one timer per event loop instead of one each.
 
 ``asyncio.timeout`` arms a timer when its block starts and cancels it when the block
 ends. On the path every http step takes, that cost about 20 us a request here (a tenth of
 what the request itself costs the process). :class:`Deadlines` keeps the deadlines of
-every block in a set, and one timer, while any block is open, sweeps them every
+every block in a set, and one timer per loop, while any block is open, sweeps them every
 ``granularity`` seconds: a block past its deadline has its task cancelled, and the block
 raises ``TimeoutError``, as ``asyncio.timeout`` does. A deadline is thus kept up to
 ``granularity`` late.
