@@ -17,29 +17,29 @@ import orjson
 
 # 19 digits in a row may be an integer beyond 64 bits: Python's reader keeps it exact.
 _LONG_NUMBER = re.compile(r"\d{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
+_COMPACT = (",", ":")  # as orjson writes
+NOT_READ: Any = object()  # what loads_utf8 gives when it leaves the reading to loads
 
 
 def loads(text: str) -> Any:
     """``json.loads(text)``: the same value, and for invalid JSON the same ValueError
     (its message says where the text went wrong)."""
-    if _LONG_NUMBER.search(text) is None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass  # invalid, or only Python reads it: Python decides, and explains
-    return json.loads(text)
-
-
-_COMPACT = (",", ":")  # as orjson writes
-_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
-NOT_READ: Any = object()  # what loads_utf8 gives when it leaves the reading to loads
+    value = _read_with_orjson(text, _LONG_NUMBER)
+    # Invalid, or only Python reads it: Python decides, and explains.
+    return json.loads(text) if value is NOT_READ else value
 
 
 def loads_utf8(content: bytes) -> Any:
     """``json.loads`` of UTF-8 bytes read straight by orjson, or ``NOT_READ`` when only
     :func:`loads` of the decoded text can say what they hold (invalid JSON or UTF-8, a
     long integer, NaN)."""
-    if _LONG_NUMBER_BYTES.search(content) is None:
+    return _read_with_orjson(content, _LONG_NUMBER_BYTES)
+
+
+def _read_with_orjson(content: str | bytes, long_number: re.Pattern[Any]) -> Any:
+    """orjson's reading where it equals Python's, else NOT_READ."""
+    if long_number.search(content) is None:
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError:
