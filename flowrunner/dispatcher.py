@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from flowrunner.deadlines import Deadlines
-from flowrunner.engine import Engine
+from flowrunner.engine import Engine, new_run_id
 from flowrunner.errors import FlowrunnerError
 from flowrunner.runtime import INTERRUPTED_MESSAGE, RunStatus
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
@@ -74,7 +73,7 @@ class Dispatcher:
     ) -> Submitted:
         """Store a run durably (the caller may acknowledge once this returns)."""
         flow = self.engine().flow(flow_name)
-        run_id = str(uuid.uuid4())
+        run_id = new_run_id()
         limit = flow.concurrency
         # Runs waiting in the queue count too, and those being stored: two webhooks in the
         # same instant must not both pass a `when_busy: skip` flow.
@@ -203,7 +202,7 @@ class Dispatcher:
                 continue
             if flow.on_interrupt == "restart":
                 again = QueuedRun(
-                    str(uuid.uuid4()),
+                    new_run_id(),
                     queued.flow,
                     queued.trigger,
                     queued.inputs,
