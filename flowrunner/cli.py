@@ -246,8 +246,11 @@ def runs_list(
     loaded = load_project(_project_root(project))
     database, history = open_database(loaded)
     try:
-        table = Table("id", "flow", "status", "started", "duration", "error", box=None)
-        for record in history.list_runs(flow, limit):
+        records = history.list_runs(flow, limit)
+        with_user = any(record.user for record in records)  # a column only when it says something
+        columns = ["id", "flow", "status", "started", "duration", *(["user"] if with_user else [])]
+        table = Table(*columns, "error", box=None)
+        for record in records:
             duration = (
                 f"{(record.finished_at - record.started_at).total_seconds():.2f}s"
                 if record.finished_at
@@ -260,6 +263,7 @@ def runs_list(
                 f"[{style}]{record.status}[/]",
                 record.started_at.strftime("%Y-%m-%d %H:%M:%S"),
                 duration,
+                *([escape(record.user or "")] if with_user else []),
                 escape((record.error or "")[:80]),
             )
         out.print(table)
@@ -288,6 +292,8 @@ def runs_show(
     record = _stored_run(load_project(_project_root(project)), run_id)
     out.print(f"[bold]run {record.id}[/]  flow {record.flow}  {record.status}")
     out.print(f"started {record.started_at}  finished {record.finished_at}")
+    if record.user:
+        out.print(f"user: {escape(record.user)}")
     out.print(f"trigger: {escape(json.dumps(record.trigger, default=str))}")
     out.print(f"inputs: {escape(json.dumps(record.inputs, default=str))}")
     if record.error:

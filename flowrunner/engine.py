@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from flowrunner.auth.jwt import user_of_credential
 from flowrunner.durations import format_duration
 from flowrunner.errors import ExpressionError, FlowrunnerError
 from flowrunner.events import EventBus, RunEvent
@@ -142,6 +143,8 @@ class Engine:
             if str(name).lower() in _SENSITIVE_HEADERS:
                 masker.add(value)
                 masker.add(str(value).split(" ", 1)[-1])
+        # run.user: whose token the run carries, as the token's claims name them.
+        user = user_of_credential(user_token) if user_token else None
         record = RunRecord(
             id=run_id,
             flow=flow.name,
@@ -149,6 +152,7 @@ class Engine:
             trigger=masker.mask_value(trigger),  # type: ignore[arg-type]
             inputs=masker.mask_value(inputs),  # type: ignore[arg-type]
             started_at=self.clock(),
+            user=user,
         )
         context = RunContext(
             run_id=run_id,
@@ -162,6 +166,7 @@ class Engine:
             call_flow=self._call_flow,
             user_token=user_token,
             trigger=trigger,
+            user=user,
             dry_run=dry_run,
             on_step=on_step,
         )

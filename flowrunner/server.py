@@ -184,6 +184,7 @@ class Server:
                 "status": record.status,
                 "started_at": record.started_at.isoformat(),
                 "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+                "user": record.user,
                 "error": record.error,
                 "outputs": record.outputs,
             }

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from flowrunner import jsontext
+from flowrunner.auth.jwt import user_of_credential
 from flowrunner.dispatcher import Dispatcher, Submitted
 from flowrunner.errors import ExpressionError, FlowrunnerError
 from flowrunner.expressions import render, to_text
@@ -92,6 +93,8 @@ class WebhookEndpoint:
             "query": dict(request.query_params),
             "method": request.method,
             "path": path,
+            # Who called, when the webhook acts as the calling user and the token says.
+            "user": user_of_credential(user_token) if user_token else None,
         }
         dedupe = None
         if webhook.dedupe is not None:

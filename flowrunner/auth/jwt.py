@@ -30,6 +30,18 @@ def claim_time(values: dict[str, Any] | None, name: str) -> datetime | None:
     return None
 
 
+# The users table keeps this much of a name; a claim longer than that is not a user name.
+MAX_USER_LENGTH = 200
+
+
+def user_of_credential(value: str) -> str | None:
+    """The user an Authorization value (``Bearer <jwt>``) or a bare token belongs to, as
+    its claims name them; None for an opaque token."""
+    scheme, _, rest = value.strip().partition(" ")
+    user = user_of(rest.strip() if rest else scheme)
+    return user if user is None or len(user) <= MAX_USER_LENGTH else None
+
+
 def user_of(token: str) -> str | None:
     """The user a token belongs to, from the claims identity providers commonly use."""
     values = claims(token)

@@ -97,3 +97,32 @@ async def test_a_403_names_the_user_of_a_jwt(
     record = await run_once(root, "create", user_token=f"Bearer {alice}")
     assert record.status == "succeeded", record.error
     assert server.calls == []
+
+
+async def test_run_user_names_the_user_whose_token_the_run_carries(
+    make_project: ProjectFactory,
+) -> None:
+    """``${{ run.user }}`` and the run's history name the user of a JWT (its email, else
+    its other usual claims); an opaque token or no token leaves both empty."""
+    root = make_project(
+        {
+            "whoami": """
+                name: whoami
+                steps:
+                  - id: who
+                    set: {user: "${{ run.user }}", known: "${{ run.user is not none }}"}
+                """
+        }
+    )
+    alice = make_jwt({"sub": "u-7", "email": "alice@acme.example"})
+    record = await run_once(root, "whoami", user_token=f"Bearer {alice}")
+    assert record.status == "succeeded", record.error
+    assert record.user == "alice@acme.example"
+    assert record.steps[0].outputs == {"user": "alice@acme.example", "known": True}
+    assert alice not in repr(record)
+
+    for token in ("Bearer opaque-user-token", None):
+        record = await run_once(root, "whoami", user_token=token)
+        assert record.status == "succeeded", record.error
+        assert record.user is None
+        assert record.steps[0].outputs == {"user": None, "known": False}

@@ -3,6 +3,7 @@ again with --user-token."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,3 +51,32 @@ def test_rerun_replays_the_trigger_and_takes_the_user_token_again(
     assert again.exit_code == 0, again.output
     assert "alice-token-123" not in again.output
     assert "succeeded (rerun of" in again.output
+
+
+def test_runs_list_and_show_name_the_user_of_the_token(
+    write_project: ProjectWriter, upstream: Upstream
+) -> None:
+    """A run made with a user's JWT shows that user in `runs list` (a user column appears
+    once a run has a user) and `runs show`; the token itself is shown nowhere."""
+    root = write_project({"as-user": FLOW}, {"me": PROFILE})
+    runner = CliRunner()
+    claims = base64.urlsafe_b64encode(b'{"email":"alice@acme.example"}').decode().rstrip("=")
+    token = f"eyJhbGciOiJIUzI1NiJ9.{claims}.c2lnbmF0dXJl"
+    opaque = runner.invoke(
+        app, ["run", "as-user", "--user-token", "opaque-1", "--project", str(root)]
+    )
+    assert opaque.exit_code == 0, opaque.output
+    plain = runner.invoke(app, ["runs", "list", "--project", str(root)])
+    assert "user" not in plain.output.splitlines()[0]
+
+    first = runner.invoke(app, ["run", "as-user", "--user-token", token, "--project", str(root)])
+    assert first.exit_code == 0, first.output
+    run_id = first.output.split("run ")[-1].split()[0]
+
+    listed = runner.invoke(app, ["runs", "list", "--project", str(root)])
+    assert listed.exit_code == 0, listed.output
+    assert "user" in listed.output.splitlines()[0]
+    assert "alice@acme.example" in listed.output
+    shown = runner.invoke(app, ["runs", "show", run_id, "--project", str(root)])
+    assert "user: alice@acme.example" in shown.output
+    assert token not in listed.output + shown.output

@@ -309,6 +309,31 @@ async def test_credentials_from_the_request_are_kept_out_of_the_state_store(
     assert token_marker not in repr(served.table("runs"))
 
 
+async def test_a_connected_user_webhook_names_its_caller(
+    make_project: Callable[..., Path], serve: ServeFactory
+) -> None:
+    """A webhook that acts as the calling user names that user (from the token's claims)
+    as ``trigger.user`` and ``run.user``, in the history and at the status URL; another
+    webhook's trigger has no user. The token itself is stored nowhere."""
+    served = await serve(make_project(GUARDED_FLOWS))
+    claims = base64.urlsafe_b64encode(b'{"sub":"u-1","email":"ada@acme.example"}').decode()
+    token = f"eyJhbGciOiJIUzI1NiJ9.{claims.rstrip('=')}.c2lnbmF0dXJl"
+    response = await _post("as-user", Authorization=f"Bearer {token}")(served.client)
+    assert response.status_code == 202, response.text
+    record = await served.finished(response.json()["run_id"])
+    assert record.status == "succeeded", record.error
+    assert record.user == "ada@acme.example"
+    assert record.trigger["user"] == "ada@acme.example"
+    status = await served.client.get(response.json()["status_url"])
+    assert status.json()["user"] == "ada@acme.example"
+    assert token not in repr(served.table("runs"))
+
+    response = await _post("bearer", Authorization=f"Bearer {HOOK_TOKEN}")(served.client)
+    record = await served.finished(response.json()["run_id"])
+    assert record.user is None
+    assert record.trigger["user"] is None
+
+
 # ---------------------------------------------------------------- real HTTP
 
 

@@ -119,6 +119,19 @@ def test_jwt_claims_of_a_non_jwt_are_none(token: str) -> None:
     assert jwt.user_of(token) is None
 
 
+def test_the_user_of_an_authorization_value() -> None:
+    """``run.user`` comes from an Authorization value with its scheme, or a bare token; an
+    opaque token, an empty value or a claim too long to be a name gives no user."""
+    token = token_with({"sub": "u1", "email": "ann@acme.example"})
+    assert jwt.user_of_credential(f"Bearer {token}") == "ann@acme.example"
+    assert jwt.user_of_credential(f"  bearer   {token} ") == "ann@acme.example"
+    assert jwt.user_of_credential(token) == "ann@acme.example"
+    assert jwt.user_of_credential("Bearer opaque-token") is None
+    assert jwt.user_of_credential("") is None
+    assert jwt.user_of_credential(token_with({"sub": "x" * 201})) is None
+    assert jwt.user_of_credential(token_with({"sub": "x" * 200})) == "x" * 200
+
+
 def test_a_boolean_is_not_a_time_claim() -> None:
     """``"exp": true`` is not an expiry."""
     assert jwt.claim_time({"exp": True}, "exp") is None
