@@ -20,22 +20,24 @@ async def run_for_each(step: ForEachStep, scope: Scope, run: RunContext, path: s
     if not isinstance(items, list | tuple):
         raise StepFailed(f"for_each needs a list, got {type(items).__name__}")
     results: list[Any] = [None] * len(items)
-    limit = asyncio.Semaphore(step.concurrency)
+    # The items in order, taken in turn by as many workers as the concurrency allows: a
+    # task per worker, not one per item waiting on a semaphore (that costs more than a
+    # short request, and a task per item of a long list holds memory for nothing).
+    turns = iter(enumerate(items))
 
-    async def one(index: int, item: Any) -> None:
-        async with limit:
+    async def worker() -> None:
+        for index, item in turns:
             child = scope.child(item=item, index=index)
             await run.run_steps(step.steps, child, f"{path}[{index}]")
             results[index] = {s.id: child.steps.get(s.id) for s in step.steps}
 
-    if step.concurrency == 1:
-        for index, item in enumerate(items):
-            await one(index, item)
+    if step.concurrency == 1 or len(items) <= 1:
+        await worker()
     else:
         try:
             async with asyncio.TaskGroup() as group:
-                for index, item in enumerate(items):
-                    group.create_task(one(index, item))
+                for _ in range(min(step.concurrency, len(items))):
+                    group.create_task(worker())
         except BaseExceptionGroup as failures:
             # The first iteration to fail ended the loop: report it, not the group.
             raise _first(failures) from None

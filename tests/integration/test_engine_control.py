@@ -164,6 +164,54 @@ async def test_for_each_failure_under_concurrency_names_the_failing_step(
     assert [s.path for s in failed if s.kind == "fail"] == ["loop[2].check"]
 
 
+async def test_for_each_stops_taking_items_after_a_failure(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory
+) -> None:
+    """Once an iteration fails, no later item starts: of 50 items at concurrency 3, item 2
+    fails while the others wait 10 ms, and the items far behind it never run. A list with
+    no items, or one, runs like any other."""
+    root = write_project(
+        {
+            "main": """
+            name: main
+            steps:
+              - id: loop
+                for_each: ${{ range(50) | list }}
+                concurrency: 3
+                steps:
+                  - id: pause
+                    wait: 10ms
+                  - id: check
+                    if: ${{ item == 2 }}
+                    fail: "item ${{ item }} is not allowed"
+            """,
+            "few": """
+            name: few
+            inputs: {items: {type: array}}
+            steps:
+              - id: loop
+                for_each: ${{ inputs['items'] }}
+                concurrency: 4
+                steps:
+                  - id: twice
+                    set: {n: "${{ item * 2 }}"}
+            outputs: {n: "${{ steps.loop.outputs | map(attribute='twice.outputs.n') | list }}"}
+            """,
+        }
+    )
+    engine = open_runtime(root).engine
+    record = await engine.run("main")
+    assert record.status == "failed"
+    assert record.error == "item 2 is not allowed"
+    started = {s.path.split(".")[0] for s in record.steps if s.path.startswith("loop[")}
+    assert "loop[2]" in started
+    assert len(started) <= 6, sorted(started)
+    for items, doubled in (([], []), ([7], [14]), ([1, 2, 3], [2, 4, 6])):
+        record = await engine.run("few", inputs={"items": items})
+        assert record.status == "succeeded", record.error
+        assert record.outputs == {"n": doubled}
+
+
 async def test_group_catch_sees_the_error_and_finally_runs(
     write_project: ProjectWriter, open_runtime: RuntimeFactory
 ) -> None:
