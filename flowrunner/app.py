@@ -102,6 +102,12 @@ def open_database(project: Project) -> tuple[Database, RunHistory]:
     return database, RunHistory(database)
 
 
+def prune_state(database: Database, before: datetime) -> tuple[int, int]:
+    """Remove what ``history.keep`` no longer keeps: the finished runs that started before
+    ``before``, and the notifications delivered before it. How many of each."""
+    return RunHistory(database).prune(before), NotificationStore(database).prune_sent(before)
+
+
 def token_store(project: Project, database: Database) -> TokenStore:
     return TokenStore(database, TokenCipher.for_project(project.root / STATE_DIR))
 

@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flowrunner.app import build_runtime, open_database
+from flowrunner.app import build_runtime, open_database, prune_state
 from flowrunner.errors import FlowrunnerError
 from flowrunner.loader import Project, find_project_root, load_project
 from flowrunner.logs import quiet_third_party_loggers
 from flowrunner.model import BearerProfile, OAuth2Profile, SessionProfile
+from flowrunner.model.base import Duration
 from flowrunner.profile_status import profile_states
 from flowrunner.reminders import calendar
 from flowrunner.schema import SchemaKind, json_schema
@@ -269,6 +271,45 @@ def runs_list(
         out.print(table)
     finally:
         database.close()
+
+
+@runs_app.command("prune")
+def runs_prune(
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            help="Remove runs that started longer ago than this (30d, 12h, ...). "
+            "Default: history.keep of flowrunner.yaml.",
+        ),
+    ] = None,
+    project: ProjectOption = None,
+) -> None:
+    """Remove finished runs (and delivered notifications) older than the history keeps."""
+    loaded = load_project(_project_root(project))
+    keep = loaded.settings.history.keep
+    if older_than is not None:
+        try:
+            keep = TypeAdapter(Duration).validate_python(older_than)
+        except ValidationError:
+            err.print(f"--older-than {older_than!r} is not a duration: write e.g. 30d or 12h")
+            raise typer.Exit(2) from None
+        if keep <= timedelta(0):
+            err.print("--older-than must be longer than zero")
+            raise typer.Exit(2)
+    if keep is None:
+        out.print("history.keep is null in flowrunner.yaml: every run is kept (see --older-than)")
+        return
+    before = datetime.now(UTC) - keep
+    database, _ = open_database(loaded)
+    try:
+        runs, sent = prune_state(database, before)
+    finally:
+        database.close()
+    out.print(
+        f"removed {runs} run(s) and {sent} delivered notification(s) from before "
+        f"{before:%Y-%m-%d %H:%M} UTC"
+    )
 
 
 def _stored_run(loaded: Project, run_id: str) -> RunRecord:

@@ -26,8 +26,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from flowrunner.app import Runtime, build_runtime, tune_garbage_collector
+from flowrunner.app import Runtime, build_runtime, prune_state, tune_garbage_collector
 from flowrunner.dispatcher import Dispatcher
+from flowrunner.durations import format_duration
 from flowrunner.errors import ConfigurationError, Problem
 from flowrunner.events import RunEvent
 from flowrunner.loader import Project, load_project
@@ -99,7 +100,30 @@ class Server:
                 check()
             except Exception:
                 log.exception("%s failed", name)
+        await self.prune()
         await self.deliver()
+
+    async def prune(self) -> None:
+        """Remove runs and delivered notifications older than ``history.keep``, off the
+        event loop: a first prune of a long history takes a while."""
+        keep = self.project.settings.history.keep
+        if keep is None:
+            return
+        before = datetime.now(UTC) - keep
+        try:
+            runs, sent = await asyncio.to_thread(prune_state, self.runtime.database, before)
+        except Exception:
+            log.exception("pruning the history failed")
+            return
+        if runs or sent:
+            log.info(
+                "removed %d run(s) and %d delivered notification(s) from before %s "
+                "(history.keep: %s)",
+                runs,
+                sent,
+                before.isoformat(timespec="seconds"),
+                format_duration(keep),
+            )
 
     async def deliver(self) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from flowrunner.model.base import Duration, StrictModel
@@ -50,12 +50,29 @@ class Server(StrictModel):
     max_runs_in_flight: int = Field(default=64, ge=1, le=10_000)
 
 
+class History(StrictModel):
+    # As long as Power Automate keeps run history; `null` keeps everything.
+    keep: Duration | None = timedelta(days=30)
+
+    @field_validator("keep")
+    @classmethod
+    def _positive(cls, keep: timedelta | None) -> timedelta | None:
+        if keep is not None and keep <= timedelta(0):
+            raise PydanticCustomError(
+                "duration",
+                "keep must be longer than zero",
+                {"hint": "write e.g. 30d, or null to keep every run"},
+            )
+        return keep
+
+
 class Settings(StrictModel):
     database_url: str | None = None
     channels: dict[str, Channel] = {"log": LogChannel(type="log")}
     default_notify: list[str] = ["log"]
     reminders: Reminders = Reminders()
     server: Server = Server()
+    history: History = History()
 
     @model_validator(mode="after")
     def _known_channels(self) -> Settings:

@@ -151,6 +151,16 @@ class NotificationStore:
 
     # ------------------------------------------------------------ alert state
 
+    def prune_sent(self, before: datetime) -> int:
+        """Remove notifications delivered before ``before``; pending and failed ones stay."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                delete(outbox)
+                .where(outbox.c.status == "sent")
+                .where(outbox.c.sent_at < before.astimezone(UTC))
+            )
+            return int(result.rowcount or 0)
+
     def alert_value(self, topic: str) -> tuple[str, datetime] | None:
         with self.engine.connect() as conn:
             row = conn.execute(

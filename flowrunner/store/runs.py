@@ -73,6 +73,11 @@ _FINISH_RUN = (
 )
 
 
+# Runs removed per transaction by prune(): a few milliseconds of holding the write lock.
+PRUNE_BATCH = 500
+_UNFINISHED = ("running", "queued")
+
+
 class RunHistory:
     def __init__(self, database: Database) -> None:
         self.engine = database.engine
@@ -158,6 +163,29 @@ class RunHistory:
                 update(runs).where(runs.c.status == "running").values(status=status)
             )
             return int(result.rowcount or 0)
+
+    def prune(self, before: datetime, batch: int = PRUNE_BATCH) -> int:
+        """Remove the finished runs that started before ``before``; how many. A batch at a
+        time, each in a short transaction of its own, so that the server's writes wait
+        at most that long. A run still going is kept, however old."""
+        removed = 0
+        while True:
+            with self.engine.begin() as conn:
+                ids = list(
+                    conn.execute(
+                        select(runs.c.id)
+                        .where(runs.c.started_at < before.astimezone(UTC))
+                        .where(runs.c.finished_at.is_not(None))
+                        .where(runs.c.status.not_in(_UNFINISHED))
+                        .limit(batch)
+                    ).scalars()
+                )
+                if ids:
+                    conn.execute(delete(run_steps).where(run_steps.c.run_id.in_(ids)))
+                    conn.execute(delete(runs).where(runs.c.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
 
     def delete_run(self, run_id: str) -> None:
         with self.engine.begin() as conn:
