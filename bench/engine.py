@@ -232,17 +232,17 @@ async def _baseline(args: argparse.Namespace) -> dict[str, Any]:
         listing = await get_json(f"{base}/items", params={"n": str(args.items)})
         ids = [entry["id"] for entry in listing["data"]]
         results: list[Any] = [None] * len(ids)
-        limit = asyncio.Semaphore(args.concurrency)
+        turns = iter(enumerate(ids))
 
-        async def card(index: int, item: str) -> None:
-            async with limit:
+        async def worker() -> None:  # as flowrunner's for_each: workers take items in turn
+            for index, item in turns:
                 results[index] = await post_json(
                     f"{base}/cards", {"title": f"Card {item}", "position": index, "item": item}
                 )
 
         async with asyncio.TaskGroup() as group:
-            for index, item in enumerate(ids):
-                group.create_task(card(index, item))
+            for _ in range(min(args.concurrency, len(ids))):
+                group.create_task(worker())
         assert all(r is not None for r in results)
 
     rss_before = _max_rss_kb()

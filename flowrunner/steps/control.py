@@ -26,7 +26,14 @@ async def run_for_each(step: ForEachStep, scope: Scope, run: RunContext, path: s
     turns = iter(enumerate(items))
 
     async def worker() -> None:
+        task = asyncio.current_task()
+        cancelled_before = _cancelling(task)
         for index, item in turns:
+            if _cancelling(task) > cancelled_before:
+                # Cancelled (a timeout, a shutdown, another iteration's failure) and an
+                # iteration went on regardless, e.g. a step with `on_error: continue` that
+                # failed on the way out: take no more items.
+                raise asyncio.CancelledError
             child = scope.child(item=item, index=index)
             await run.run_steps(step.steps, child, f"{path}[{index}]")
             results[index] = {s.id: child.steps.get(s.id) for s in step.steps}
@@ -34,14 +41,25 @@ async def run_for_each(step: ForEachStep, scope: Scope, run: RunContext, path: s
     if step.concurrency == 1 or len(items) <= 1:
         await worker()
     else:
+        task = asyncio.current_task()
+        cancelled_before = _cancelling(task)
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(step.concurrency, len(items))):
                     group.create_task(worker())
         except BaseExceptionGroup as failures:
+            if task is not None and _cancelling(task) > cancelled_before:
+                # Python 3.11's TaskGroup leaves the task that ran it marked as being
+                # cancelled after a child failed (3.12 takes the mark back itself): a later
+                # check of that mark must not see a cancellation that never came.
+                task.uncancel()
             # The first iteration to fail ended the loop: report it, not the group.
             raise _first(failures) from None
     return step_result(outputs=results)
+
+
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    return task.cancelling() if task is not None else 0
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

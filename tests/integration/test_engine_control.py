@@ -212,6 +212,45 @@ async def test_for_each_stops_taking_items_after_a_failure(
         assert record.outputs == {"n": doubled}
 
 
+async def test_for_each_takes_no_more_items_once_cancelled(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory
+) -> None:
+    """An iteration that goes on after its cancellation (a `finally` step fails on the way
+    out, and `on_error: continue` swallows that) does not make its worker take more items:
+    item 0 fails, and of 20 items at concurrency 2 only the first few ever start."""
+    record = await run_flow(
+        write_project,
+        open_runtime,
+        {
+            "main": """
+            name: main
+            steps:
+              - id: loop
+                for_each: ${{ range(20) | list }}
+                concurrency: 2
+                steps:
+                  - id: guarded
+                    on_error: continue
+                    group:
+                      - id: pause
+                        if: ${{ item != 0 }}
+                        wait: 200ms
+                    finally:
+                      - id: cleanup
+                        if: ${{ item != 0 }}
+                        set: {share: "${{ 1 // (item * 0) }}"}
+                  - id: check
+                    if: ${{ item == 0 }}
+                    fail: "item 0 is not allowed"
+            """
+        },
+    )
+    assert record.status == "failed"
+    assert record.error == "item 0 is not allowed"
+    started = {s.path.split(".")[0] for s in record.steps if s.path.startswith("loop[")}
+    assert started <= {"loop[0]", "loop[1]", "loop[2]"}, sorted(started)
+
+
 async def test_group_catch_sees_the_error_and_finally_runs(
     write_project: ProjectWriter, open_runtime: RuntimeFactory
 ) -> None:
