@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flowrunner.app import build_runtime, open_database, prune_state
+from flowrunner.auth.jwt import user_of_credential
 from flowrunner.errors import FlowrunnerError
 from flowrunner.loader import Project, find_project_root, load_project
 from flowrunner.logs import quiet_third_party_loggers
@@ -376,6 +377,8 @@ def runs_rerun(
         headers["authorization"] = f"Bearer {user_token}"
     if "headers" in trigger or user_token:
         trigger["headers"] = headers
+    if "user" in trigger:  # the caller is whoever's token this rerun carries, if anyone
+        trigger["user"] = user_of_credential(user_token) if user_token else None
     if masked and not user_token:
         err.print(
             f"note: the original {', '.join(masked)} header(s) were secret and are not "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from flowrunner.auth.jwt import user_of_credential
 from flowrunner.deadlines import Deadlines
 from flowrunner.engine import Engine, new_run_id
 from flowrunner.errors import FlowrunnerError
@@ -82,7 +83,9 @@ class Dispatcher:
             if busy >= limit.limit:
                 reason = f"flow {flow.name} is busy ({limit.limit} run(s) in flight)"
                 status = RunStatus.SKIPPED if limit.when_busy == "skip" else RunStatus.FAILED
-                self._record_refused(run_id, flow.name, trigger, inputs or {}, status, reason)
+                self._record_refused(
+                    run_id, flow.name, trigger, inputs or {}, status, reason, user_token
+                )
                 return Submitted(run_id, status, reason)
         queued = QueuedRun(run_id, flow.name, trigger, inputs or {}, user_token, datetime.now(UTC))
         # Start at once when nothing waits ahead of it and there is room: the row is stored
@@ -133,10 +136,19 @@ class Dispatcher:
         inputs: dict[str, Any],
         status: str,
         reason: str,
+        user_token: str | None,
     ) -> None:
         now = datetime.now(UTC)
         record = RunRecord(
-            run_id, flow, status, _without_secrets(trigger), inputs, now, now, error=reason
+            run_id,
+            flow,
+            status,
+            _without_secrets(trigger),
+            inputs,
+            now,
+            now,
+            error=reason,
+            user=_user(user_token),
         )
         self.history.record(record)
         if self.on_refused is not None:
@@ -191,6 +203,7 @@ class Dispatcher:
                         queued.created_at,
                         now,
                         error=INTERRUPTED_MESSAGE,
+                        user=_user(queued.user_token),
                     )
                 )
             else:
@@ -258,6 +271,7 @@ class Dispatcher:
                     queued.inputs,
                     RunStatus.FAILED,
                     exc.message,
+                    queued.user_token,
                 )
                 self.queue.finish(queued.id)
                 continue
@@ -283,6 +297,7 @@ class Dispatcher:
                 now,
                 now,
                 error=exc.message,
+                user=_user(queued.user_token),
             )
             self.history.record(record)
         except asyncio.CancelledError:
@@ -318,6 +333,11 @@ class Dispatcher:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+
+
+def _user(user_token: str | None) -> str | None:
+    """``run.user`` of a run that never reached the engine (which names it otherwise)."""
+    return user_of_credential(user_token) if user_token else None
 
 
 def _without_secrets(trigger: dict[str, Any]) -> dict[str, Any]:

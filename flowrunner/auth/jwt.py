@@ -30,24 +30,32 @@ def claim_time(values: dict[str, Any] | None, name: str) -> datetime | None:
     return None
 
 
-# The users table keeps this much of a name; a claim longer than that is not a user name.
+# The history keeps this much of a name; a claim longer than that is not a user name.
 MAX_USER_LENGTH = 200
 
 
 def user_of_credential(value: str) -> str | None:
     """The user an Authorization value (``Bearer <jwt>``) or a bare token belongs to, as
-    its claims name them; None for an opaque token."""
+    its claims name them; None for an opaque token. The claims are not verified (the API
+    checks the token): this names the user for people to read, it proves nothing."""
     scheme, _, rest = value.strip().partition(" ")
-    user = user_of(rest.strip() if rest else scheme)
-    return user if user is None or len(user) <= MAX_USER_LENGTH else None
+    return user_of(rest.strip() if rest else scheme)
 
 
 def user_of(token: str) -> str | None:
-    """The user a token belongs to, from the claims identity providers commonly use."""
+    """The user a token belongs to, from the claims identity providers commonly use: the
+    first that is a name one can print (not empty, no control characters, at most
+    ``MAX_USER_LENGTH`` characters)."""
     values = claims(token)
     if not values:
         return None
     for name in ("email", "preferred_username", "upn", "unique_name", "username", "sub"):
-        if isinstance(values.get(name), str):
-            return str(values[name])
+        value = values.get(name)
+        if isinstance(value, str) and _printable_name(value):
+            return value
     return None
+
+
+def _printable_name(value: str) -> bool:
+    # A name printed in a terminal or a log must not carry escape codes or line breaks.
+    return 0 < len(value) <= MAX_USER_LENGTH and value.isprintable() and value.strip() == value

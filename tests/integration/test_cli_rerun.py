@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from typer.testing import CliRunner
 from upstream_server import Upstream
 
+from flowrunner.app import open_database
 from flowrunner.cli import app
+from flowrunner.loader import load_project
+from flowrunner.store.runs import RunRecord
 
 ProjectWriter = Callable[..., Path]
+NOW = datetime.now(UTC)
 
 FLOW = """
 name: as-user
@@ -80,3 +85,41 @@ def test_runs_list_and_show_name_the_user_of_the_token(
     shown = runner.invoke(app, ["runs", "show", run_id, "--project", str(root)])
     assert "user: alice@acme.example" in shown.output
     assert token not in listed.output + shown.output
+
+
+HOOKED = """
+name: hooked
+triggers:
+  - webhook: {path: hooked, auth: {connected_user: true}}
+steps:
+  - id: who
+    set: {caller: "${{ trigger.user }}"}
+"""
+
+
+def _jwt(email: str) -> str:
+    claims = base64.urlsafe_b64encode(f'{{"email":"{email}"}}'.encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJIUzI1NiJ9.{claims}.c2lnbmF0dXJl"
+
+
+def test_a_rerun_names_the_user_of_its_own_token(write_project: ProjectWriter) -> None:
+    """A webhook run rerun with another user's token has that user as `trigger.user` and
+    `run.user`; rerun without a token, it has none (not the original caller)."""
+    root = write_project({"hooked": HOOKED})
+    trigger = {"kind": "webhook", "headers": {"authorization": "***"}, "user": "ada@acme.example"}
+    database, history = open_database(load_project(root))
+    history.record(RunRecord("0ada", "hooked", "succeeded", trigger, {}, NOW, NOW))
+    database.close()
+    runner = CliRunner()
+    for token, user in ((_jwt("bob@acme.example"), "bob@acme.example"), (None, None)):
+        extra = ["--user-token", token] if token else []
+        rerun = runner.invoke(app, ["runs", "rerun", "0ada", *extra, "--project", str(root)])
+        assert rerun.exit_code == 0, rerun.output
+        run_id = rerun.output.split("(rerun of")[0].split("run ")[-1].split()[0]
+        database, history = open_database(load_project(root))
+        record = history.get_run(run_id)
+        database.close()
+        assert record is not None
+        assert record.trigger["user"] == user
+        assert record.user == user
+        assert record.steps[0].outputs == {"caller": user}

@@ -139,6 +139,15 @@ GUARDED_FLOWS = {
           - id: note
             set: {n: "${{ trigger.body.n }}"}
     """,
+    "as-user-once": """
+        name: as-user-once
+        concurrency: {limit: 1, when_busy: skip}
+        triggers:
+          - webhook: {path: as-user-once, auth: {connected_user: true}}
+        steps:
+          - id: note
+            set: {who: "${{ trigger.user }}"}
+    """,
     "small": """
         name: small
         triggers:
@@ -332,6 +341,14 @@ async def test_a_connected_user_webhook_names_its_caller(
     record = await served.finished(response.json()["run_id"])
     assert record.user is None
     assert record.trigger["user"] is None
+
+    # A run refused at intake (its flow is busy) names its caller too.
+    served.pause()
+    first = await _post("as-user-once", Authorization=f"Bearer {token}")(served.client)
+    assert first.status_code == 202, first.text
+    second = await _post("as-user-once", Authorization=f"Bearer {token}")(served.client)
+    assert second.json()["status"] == "skipped", second.text
+    assert served.run(second.json()["run_id"]).user == "ada@acme.example"
 
 
 # ---------------------------------------------------------------- real HTTP

@@ -132,6 +132,17 @@ def test_the_user_of_an_authorization_value() -> None:
     assert jwt.user_of_credential(token_with({"sub": "x" * 200})) == "x" * 200
 
 
+@pytest.mark.parametrize(
+    "email",
+    ["", "x" * 201, "eve\x1b[2J@acme.example", "eve@acme.example\nfake line", " eve@acme"],
+)
+def test_a_claim_that_is_no_printable_name_is_passed_over(email: str) -> None:
+    """An empty, over-long or unprintable claim (escape codes, line breaks: it would be
+    printed by `runs list`) gives way to the next claim."""
+    token = token_with({"email": email, "sub": "u-7"})
+    assert jwt.user_of_credential(f"Bearer {token}") == "u-7"
+
+
 def test_a_boolean_is_not_a_time_claim() -> None:
     """``"exp": true`` is not an expiry."""
     assert jwt.claim_time({"exp": True}, "exp") is None
