@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -102,10 +103,14 @@ def open_database(project: Project) -> tuple[Database, RunHistory]:
     return database, RunHistory(database)
 
 
-def prune_state(database: Database, before: datetime) -> tuple[int, int]:
+def prune_state(
+    database: Database, before: datetime, stop: threading.Event | None = None
+) -> tuple[int, int]:
     """Remove what ``history.keep`` no longer keeps: the finished runs that started before
-    ``before``, and the notifications delivered before it. How many of each."""
-    return RunHistory(database).prune(before), NotificationStore(database).prune_sent(before)
+    ``before``, and the notifications delivered before it (until done, or ``stop`` is
+    set). How many of each."""
+    runs = RunHistory(database).prune(before, stop)
+    return runs, NotificationStore(database).prune_sent(before, stop)
 
 
 def token_store(project: Project, database: Database) -> TokenStore:

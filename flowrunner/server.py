@@ -46,6 +46,12 @@ log = logging.getLogger("flowrunner.server")
 RELOAD_SECONDS = 1.0
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class Server:
     runtime: Runtime
@@ -57,6 +63,9 @@ class Server:
     problems: list[Problem] = field(default_factory=list)
     reload_seconds: float = RELOAD_SECONDS
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The history's prune runs in a thread: told to stop, and known to be done.
+    _prune_stop: threading.Event = field(default_factory=threading.Event)
+    _prune_idle: threading.Event = field(default_factory=_set_event)
 
     @property
     def project(self) -> Project:
@@ -107,11 +116,12 @@ class Server:
         """Remove runs and delivered notifications older than ``history.keep``, off the
         event loop: a first prune of a long history takes a while."""
         keep = self.project.settings.history.keep
-        if keep is None:
+        if keep is None or not self._prune_idle.is_set():  # none wanted, or one going
             return
         before = datetime.now(UTC) - keep
+        self._prune_idle.clear()
         try:
-            runs, sent = await asyncio.to_thread(prune_state, self.runtime.database, before)
+            runs, sent = await asyncio.to_thread(self._prune, before)
         except Exception:
             log.exception("pruning the history failed")
             return
@@ -163,7 +173,15 @@ class Server:
         self._tasks.append(asyncio.create_task(self._watch(seen), name="reloader"))
         log.info("serving %d flow(s), %d webhook(s)", len(self.project.flows), len(self.hooks))
 
+    def _prune(self, before: datetime) -> tuple[int, int]:
+        """In a thread: the prune, which ``stop`` ends between two of its transactions."""
+        try:
+            return prune_state(self.runtime.database, before, self._prune_stop)
+        finally:
+            self._prune_idle.set()
+
     async def stop(self) -> None:
+        self._prune_stop.set()
         self.scheduler.shutdown()
         await self.dispatcher.stop()
         for task in self._tasks:
@@ -171,6 +189,9 @@ class Server:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # A prune's thread outlives the task that awaited it: the database stays open for
+        # the transaction it is in.
+        await asyncio.to_thread(self._prune_idle.wait, 30)
         await self.runtime.aclose()
 
     async def _watch(self, seen: dict[str, float]) -> None:

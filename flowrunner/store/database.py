@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time as clock
+from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select
 
 from flowrunner import jsontext
 from flowrunner.errors import ConfigurationError
@@ -19,6 +21,40 @@ log = logging.getLogger("flowrunner.store")
 STATE_DIR = ".flowrunner"
 AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_SECONDS = 1.0
+
+
+# Each transaction of a long delete (pruning the history) aims at this long: the server's
+# writes wait at most about that, and the delete pauses as long again between two.
+DELETE_BUDGET_SECONDS = 0.02
+
+
+def delete_in_batches(
+    engine: Engine,
+    delete_batch: Callable[[Connection, int], tuple[int, int]],
+    stop: threading.Event | None = None,
+    first_batch: int = 10,
+) -> int:
+    """Delete in short transactions until done or ``stop`` is set; how many rows went.
+    ``delete_batch(conn, n)`` deletes up to ``n`` and says how many it chose and deleted;
+    ``n`` follows what a transaction took, to stay near ``DELETE_BUDGET_SECONDS``."""
+    removed, size = 0, first_batch
+    while stop is None or not stop.is_set():
+        started = clock.monotonic()
+        with engine.begin() as conn:
+            chosen, deleted = delete_batch(conn, size)
+        removed += deleted
+        if chosen < size:
+            break
+        took = clock.monotonic() - started
+        # Towards the budget, growing at most twofold: one quick batch (its pages in the
+        # cache) must not make the next a long one.
+        size = max(10, min(2000, 2 * size, int(size * DELETE_BUDGET_SECONDS / max(took, 1e-3))))
+        # A pause as long as the transaction: whoever waited for the lock gets it.
+        if stop is not None:
+            stop.wait(took)
+        else:
+            clock.sleep(took)
+    return removed
 
 
 def default_database_url(project_root: Path) -> str:

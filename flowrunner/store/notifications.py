@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from flowrunner.store.database import Database
+from flowrunner.store.database import Database, delete_in_batches
 from flowrunner.store.schema import alert_state, outbox, reminders_sent
 
 # Delivery retries: 1 min, 5 min, 15 min, 1 h, then every 4 h until it goes through.
@@ -151,15 +152,26 @@ class NotificationStore:
 
     # ------------------------------------------------------------ alert state
 
-    def prune_sent(self, before: datetime) -> int:
-        """Remove notifications delivered before ``before``; pending and failed ones stay."""
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                delete(outbox)
-                .where(outbox.c.status == "sent")
-                .where(outbox.c.sent_at < before.astimezone(UTC))
+    def prune_sent(self, before: datetime, stop: threading.Event | None = None) -> int:
+        """Remove notifications delivered before ``before``; pending and failed ones stay.
+        In short transactions, as the history's prune."""
+
+        def delete_batch(conn: Connection, size: int) -> tuple[int, int]:
+            ids = list(
+                conn.execute(
+                    select(outbox.c.id)
+                    .where(outbox.c.status == "sent")
+                    .where(outbox.c.sent_at < before.astimezone(UTC))
+                    .order_by(outbox.c.id)
+                    .limit(size)
+                ).scalars()
             )
-            return int(result.rowcount or 0)
+            if not ids:
+                return 0, 0
+            deleted = conn.execute(delete(outbox).where(outbox.c.id.in_(ids))).rowcount
+            return len(ids), int(deleted or 0)
+
+        return delete_in_batches(self.engine, delete_batch, stop)
 
     def alert_value(self, topic: str) -> tuple[str, datetime] | None:
         with self.engine.connect() as conn:

@@ -4,15 +4,16 @@ and received (already masked by the engine)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from flowrunner.store.batch import INSERT, UPDATE, Row
-from flowrunner.store.database import Database
+from flowrunner.store.database import Database, delete_in_batches
 from flowrunner.store.schema import run_steps, runs
 
 
@@ -73,8 +74,6 @@ _FINISH_RUN = (
 )
 
 
-# Runs removed per transaction by prune(): a few milliseconds of holding the write lock.
-PRUNE_BATCH = 500
 _UNFINISHED = ("running", "queued")
 
 
@@ -164,28 +163,31 @@ class RunHistory:
             )
             return int(result.rowcount or 0)
 
-    def prune(self, before: datetime, batch: int = PRUNE_BATCH) -> int:
-        """Remove the finished runs that started before ``before``; how many. A batch at a
-        time, each in a short transaction of its own, so that the server's writes wait
-        at most that long. A run still going is kept, however old."""
-        removed = 0
-        while True:
-            with self.engine.begin() as conn:
-                ids = list(
-                    conn.execute(
-                        select(runs.c.id)
-                        .where(runs.c.started_at < before.astimezone(UTC))
-                        .where(runs.c.finished_at.is_not(None))
-                        .where(runs.c.status.not_in(_UNFINISHED))
-                        .limit(batch)
-                    ).scalars()
-                )
-                if ids:
-                    conn.execute(delete(run_steps).where(run_steps.c.run_id.in_(ids)))
-                    conn.execute(delete(runs).where(runs.c.id.in_(ids)))
-            removed += len(ids)
-            if len(ids) < batch:
-                return removed
+    def prune(
+        self, before: datetime, stop: threading.Event | None = None, first_batch: int = 10
+    ) -> int:
+        """Remove the finished runs that started before ``before``, oldest first; how
+        many. In short transactions (see ``delete_in_batches``), until done or ``stop``
+        is set. A run still going is kept, however old."""
+
+        def delete_batch(conn: Connection, size: int) -> tuple[int, int]:
+            ids = list(
+                conn.execute(
+                    select(runs.c.id)
+                    .where(runs.c.started_at < before.astimezone(UTC))
+                    .where(runs.c.finished_at.is_not(None))
+                    .where(runs.c.status.not_in(_UNFINISHED))
+                    .order_by(runs.c.started_at)
+                    .limit(size)
+                ).scalars()
+            )
+            if not ids:
+                return 0, 0
+            conn.execute(delete(run_steps).where(run_steps.c.run_id.in_(ids)))
+            deleted = conn.execute(delete(runs).where(runs.c.id.in_(ids))).rowcount
+            return len(ids), int(deleted or 0)
+
+        return delete_in_batches(self.engine, delete_batch, stop, first_batch)
 
     def delete_run(self, run_id: str) -> None:
         with self.engine.begin() as conn:

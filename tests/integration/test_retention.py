@@ -4,6 +4,7 @@ runs still going, pending and failed notifications are kept."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from flowrunner.cli import app
 from flowrunner.loader import load_project
 from flowrunner.store.database import Database
 from flowrunner.store.notifications import NotificationStore
-from flowrunner.store.runs import RunHistory, RunRecord
+from flowrunner.store.runs import RunHistory, RunRecord, finished_rows
 from flowrunner.store.schema import run_steps, runs
 
 NOW = datetime.now(UTC)
@@ -77,13 +78,17 @@ def _run_ids(database: Database) -> set[str]:
 
 def test_prune_removes_finished_runs_started_before_the_cutoff(tmp_path: Path) -> None:
     """Runs that finished (however they ended) and started before the cutoff are removed,
-    a batch at a time, with the steps an older schema kept apart; a run still going and a
-    recent one stay, and a second prune finds nothing."""
+    in short transactions (the first takes two runs), with the steps an older schema kept
+    apart; a run still going and a recent one stay, and a second prune finds nothing. A
+    prune told to stop removes nothing more."""
     database = Database.open(f"sqlite:///{tmp_path / 'state.db'}")
     try:
         _fill(database)
         history = RunHistory(database)
-        assert history.prune(NOW - timedelta(days=30), batch=2) == 4
+        stopped = threading.Event()
+        stopped.set()
+        assert history.prune(NOW - timedelta(days=30), stopped) == 0  # told to stop first
+        assert history.prune(NOW - timedelta(days=30), first_batch=2) == 4
         assert _run_ids(database) == {"old-going", "new-ok"}
         with database.engine.connect() as conn:
             assert conn.execute(select(run_steps)).fetchall() == []
@@ -152,3 +157,29 @@ def test_runs_prune_from_the_command_line(make_project: Callable[..., Path]) -> 
     listed = runner.invoke(app, ["runs", "list", "--project", str(root)])
     assert "old-goin" in listed.output and "new-ok" in listed.output
     assert "old-ok" not in listed.output
+
+
+async def test_a_server_stopping_during_a_prune_ends_it_cleanly(
+    make_project: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped while its start-up prune is going, the server ends the prune between two
+    transactions and closes the database after it: no error, every run either kept or
+    removed whole."""
+    root = make_project({"note": FLOW})
+    database = Database.open(database_url(load_project(root)))
+    old = [_run(f"old-{index:05d}", timedelta(days=40, seconds=index)) for index in range(20_000)]
+    database.writes.write_now([row for run in old for row in finished_rows(run, False)])
+    database.close()
+    async with ServerPool() as pool:
+        served = await pool.start(root)
+        history = served.server.runtime.history
+        await served.until(lambda: history.get_run("old-19999", exact=True) is None)
+        await served.stop()
+    assert "pruning the history failed" not in caplog.text
+    database = Database.open(database_url(load_project(root)))
+    try:
+        left = _run_ids(database)
+        assert 0 < len(left) < 20_000  # stopped part way
+        assert {f"old-{index:05d}" for index in range(len(left))} == left  # oldest first
+    finally:
+        database.close()
