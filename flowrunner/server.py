@@ -64,6 +64,7 @@ class Server:
     reload_seconds: float = RELOAD_SECONDS
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The history's prune runs in a thread: told to stop, and known to be done.
+    _pruning: bool = False
     _prune_stop: threading.Event = field(default_factory=threading.Event)
     _prune_idle: threading.Event = field(default_factory=_set_event)
 
@@ -116,15 +117,17 @@ class Server:
         """Remove runs and delivered notifications older than ``history.keep``, off the
         event loop: a first prune of a long history takes a while."""
         keep = self.project.settings.history.keep
-        if keep is None or not self._prune_idle.is_set():  # none wanted, or one going
+        if keep is None or self._pruning:  # none wanted, or one still going
             return
         before = datetime.now(UTC) - keep
-        self._prune_idle.clear()
+        self._pruning = True
         try:
             runs, sent = await asyncio.to_thread(self._prune, before)
         except Exception:
             log.exception("pruning the history failed")
             return
+        finally:
+            self._pruning = False
         if runs or sent:
             log.info(
                 "removed %d run(s) and %d delivered notification(s) from before %s "
@@ -174,7 +177,9 @@ class Server:
         log.info("serving %d flow(s), %d webhook(s)", len(self.project.flows), len(self.hooks))
 
     def _prune(self, before: datetime) -> tuple[int, int]:
-        """In a thread: the prune, which ``stop`` ends between two of its transactions."""
+        """In a thread: the prune, which ``stop`` ends between two of its transactions
+        (or before the first, if it comes first)."""
+        self._prune_idle.clear()
         try:
             return prune_state(self.runtime.database, before, self._prune_stop)
         finally:

@@ -150,8 +150,6 @@ class NotificationStore:
             rows = conn.execute(select(outbox).order_by(outbox.c.id)).fetchall()
         return [_item(row._mapping) for row in rows]
 
-    # ------------------------------------------------------------ alert state
-
     def prune_sent(self, before: datetime, stop: threading.Event | None = None) -> int:
         """Remove notifications delivered before ``before``; pending and failed ones stay.
         In short transactions, as the history's prune."""
@@ -172,6 +170,8 @@ class NotificationStore:
             return len(ids), int(deleted or 0)
 
         return delete_in_batches(self.engine, delete_batch, stop)
+
+    # ------------------------------------------------------------ alert state
 
     def alert_value(self, topic: str) -> tuple[str, datetime] | None:
         with self.engine.connect() as conn:
