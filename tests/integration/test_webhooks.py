@@ -359,7 +359,7 @@ def real_http(make_project: Callable[..., Path]) -> Iterator[str]:
     """The guarded project behind a real uvicorn server in a thread; yields its base URL."""
     server = build_server(make_project(GUARDED_FLOWS))
     config = uvicorn.Config(
-        server.asgi(), host="127.0.0.1", port=0, log_config=None, access_log=False, http="h11"
+        server.asgi(), host="127.0.0.1", port=0, log_config=None, access_log=False
     )
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, name="flowrunner-serve", daemon=True)
