@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from flowrunner.app import Runtime, build_runtime, prune_state, tune_garbage_collector
 from flowrunner.dispatcher import Dispatcher
@@ -372,6 +373,64 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+# A request's line and headers may take this much, as h11 allows. uvicorn's httptools
+# parser has no limit of its own: a header of 30 MB was read whole, and kept with the run.
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 51\r\n"
+    b"connection: close\r\n\r\n"
+    b"the request line and headers are larger than 16 KiB"
+)
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, which answers 431 and closes the connection when a
+    request's line and headers are larger than MAX_REQUEST_HEAD_BYTES: as soon as that
+    much has come without their end (what bounds the memory a request can take), or once
+    they are complete."""
+
+    _reading_head = True
+    _head_bytes = 0  # received since the current request began, while in its head
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._reading_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._reading_head and self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+            self._refuse()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_REQUEST_HEAD_BYTES:
+            self._refuse()
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        self._reading_head, self._head_bytes = True, 0
+
+    def _refuse(self) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        log.info("a request refused: its line and headers are larger than 16 KiB")
+        self.transport.write(_HEAD_TOO_LARGE)
+        self.transport.close()
+
+
 def serve(
     root: Path,
     host: str | None = None,
@@ -392,6 +451,7 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
+        http=BoundedHttpToolsProtocol,
     )
     tune_garbage_collector()
     run_until_signalled(uvicorn.Server(config))

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -26,7 +27,7 @@ import uvicorn
 from serving import BASE, Served, ServeFactory, ServerPool
 from upstream_server import Upstream
 
-from flowrunner.server import build_server
+from flowrunner.server import MAX_REQUEST_HEAD_BYTES, BoundedHttpToolsProtocol, build_server
 
 ProjectWriter = Callable[..., Path]
 HOOK_SECRET = "whsec-0123456789abcdef"
@@ -359,7 +360,12 @@ def real_http(make_project: Callable[..., Path]) -> Iterator[str]:
     """The guarded project behind a real uvicorn server in a thread; yields its base URL."""
     server = build_server(make_project(GUARDED_FLOWS))
     config = uvicorn.Config(
-        server.asgi(), host="127.0.0.1", port=0, log_config=None, access_log=False
+        server.asgi(),
+        host="127.0.0.1",
+        port=0,
+        log_config=None,
+        access_log=False,
+        http=BoundedHttpToolsProtocol,  # what `flowrunner serve` runs
     )
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, name="flowrunner-serve", daemon=True)
@@ -396,6 +402,68 @@ def test_body_limits_hold_over_real_http(real_http: str) -> None:
     assert chunked.request.headers.get("transfer-encoding") == "chunked"
     assert fits.status_code == 202
     assert health.json()["status"] == "ok"
+
+
+def _exchange_raw(base_url: str, pieces: list[bytes], pause: float = 0) -> bytes:
+    """Send ``pieces`` on one connection (``pause`` seconds apart), then read the answer
+    until the server closes or 5 s pass."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        try:
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(pause)
+        except OSError:
+            pass  # the server may close before everything is sent
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith((b"KiB", b"}")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _hook_request(extra_header: bytes = b"", body: bytes = JSON_BODY) -> bytes:
+    return (
+        b"POST /hooks/bearer HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {HOOK_TOKEN}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        + extra_header
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+def test_request_headers_are_bounded_over_real_http(real_http: str, tmp_path: Path) -> None:
+    """Headers of more than 16 KiB are refused with 431 (and create no run), whether they
+    come at once or a little at a time without their end; headers under the limit, or a
+    body larger than the limit, are accepted; the server goes on serving."""
+    too_large = b"X-Pad: " + b"a" * (MAX_REQUEST_HEAD_BYTES + 100) + b"\r\n"
+    fits = b"X-Pad: " + b"a" * (MAX_REQUEST_HEAD_BYTES - 2_000) + b"\r\n"
+    refused = _exchange_raw(real_http, [_hook_request(too_large)])
+    assert refused.startswith(b"HTTP/1.1 431 "), refused[:80]
+    trickle = [b"POST /hooks/bearer HTTP/1.1\r\nHost: x\r\n"]
+    trickle += [b"X-Pad-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)]
+    refused_slowly = _exchange_raw(real_http, trickle, pause=0.005)
+    assert refused_slowly.startswith(b"HTTP/1.1 431 "), refused_slowly[:80]
+    accepted = _exchange_raw(real_http, [_hook_request(fits)])
+    assert accepted.startswith(b"HTTP/1.1 202 "), accepted[:80]
+    big_body = b'{"n": 2, "pad": "' + b"c" * (4 * MAX_REQUEST_HEAD_BYTES) + b'"}'
+    with_body = _exchange_raw(real_http, [_hook_request(body=big_body)])
+    assert with_body.startswith(b"HTTP/1.1 202 "), with_body[:80]
+    with httpx.Client(base_url=real_http, timeout=10) as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+    # Two runs, for the two accepted requests: the refused ones created none.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with sqlite3.connect(tmp_path / ".flowrunner" / "state.db") as conn:
+            runs = conn.execute("SELECT status FROM runs").fetchall()
+            queued = conn.execute("SELECT count(*) FROM run_queue").fetchone()[0]
+        if len(runs) >= 2 and not queued:
+            break
+        time.sleep(0.05)
+    assert runs == [("succeeded",), ("succeeded",)]
 
 
 # ---------------------------------------------------------------- answers
