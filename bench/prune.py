@@ -6,7 +6,8 @@ Each measurement builds a fresh SQLite state database (in a temporary directory)
 ``--runs`` finished runs older than the cutoff, each with two http steps whose request and
 response bodies are ``--body`` characters (about 15 KB a run by default), and 1,000 recent
 runs that must stay. Then, with the log checkpointed by a thread as ``flowrunner serve``
-does:
+does (and no checkpoint by a committing connection: it runs once the commit has let the
+write lock go, and would be timed as if it held it):
 
 - flowrunner: ``RunHistory.prune(cutoff)``, which deletes in transactions of about 20 ms
   with a pause as long between two, so that the server's writes are held that long at

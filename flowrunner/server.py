@@ -182,7 +182,10 @@ class Server:
         (or before the first, if it comes first)."""
         self._prune_idle.clear()
         try:
-            return prune_state(self.runtime.database, before, self._prune_stop)
+            runs, sent = prune_state(self.runtime.database, before, self._prune_stop)
+            if self._prune_stop.is_set():
+                log.info("pruning stopped by the shutdown, after %d run(s)", runs)
+            return runs, sent
         finally:
             self._prune_idle.set()
 
@@ -197,7 +200,8 @@ class Server:
                 await task
         # A prune's thread outlives the task that awaited it: the database stays open for
         # the transaction it is in.
-        await asyncio.to_thread(self._prune_idle.wait, 30)
+        if not await asyncio.to_thread(self._prune_idle.wait, 30):
+            log.warning("the history's prune did not stop within 30 s; closing the database")
         await self.runtime.aclose()
 
     async def _watch(self, seen: dict[str, float]) -> None:

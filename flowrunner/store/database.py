@@ -34,25 +34,26 @@ DELETE_BUDGET_SECONDS = 0.02
 
 def delete_in_batches(
     engine: Engine,
-    delete_batch: Callable[[Connection, int], tuple[int, int]],
+    delete_batch: Callable[[Connection, int], int],
     stop: threading.Event | None = None,
     first_batch: int = 10,
 ) -> int:
     """Delete in short transactions until done or ``stop`` is set; how many rows went.
-    ``delete_batch(conn, n)`` deletes up to ``n`` and says how many it chose and deleted;
-    ``n`` follows what a transaction took, to stay near ``DELETE_BUDGET_SECONDS``."""
+    ``delete_batch(conn, n)`` deletes up to ``n`` rows and says how many it deleted; ``n``
+    follows what a transaction took, to stay near ``DELETE_BUDGET_SECONDS`` (rows of very
+    different sizes can make one transaction take several times that)."""
     removed, size = 0, first_batch
     while stop is None or not stop.is_set():
         started = clock.monotonic()
         with engine.begin() as conn:
-            chosen, deleted = delete_batch(conn, size)
+            deleted = delete_batch(conn, size)
         removed += deleted
-        if chosen < size:
+        if deleted < size:
             break
         took = clock.monotonic() - started
         # Towards the budget, growing at most twofold: one quick batch (its pages in the
-        # cache) must not make the next a long one.
-        size = max(10, min(2000, 2 * size, int(size * DELETE_BUDGET_SECONDS / max(took, 1e-3))))
+        # cache) must not make the next a long one. One row at least, however large.
+        size = max(1, min(2000, 2 * size, int(size * DELETE_BUDGET_SECONDS / max(took, 1e-3))))
         # A pause as long as the transaction: whoever waited for the lock gets it.
         if stop is not None:
             stop.wait(took)

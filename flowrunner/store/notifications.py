@@ -154,20 +154,16 @@ class NotificationStore:
         """Remove notifications delivered before ``before``; pending and failed ones stay.
         In short transactions, as the history's prune."""
 
-        def delete_batch(conn: Connection, size: int) -> tuple[int, int]:
-            ids = list(
-                conn.execute(
-                    select(outbox.c.id)
-                    .where(outbox.c.status == "sent")
-                    .where(outbox.c.sent_at < before.astimezone(UTC))
-                    .order_by(outbox.c.id)
-                    .limit(size)
-                ).scalars()
+        def delete_batch(conn: Connection, size: int) -> int:
+            oldest = (
+                select(outbox.c.id)
+                .where(outbox.c.status == "sent")
+                .where(outbox.c.sent_at < before.astimezone(UTC))
+                .order_by(outbox.c.id)
+                .limit(size)
+                .scalar_subquery()
             )
-            if not ids:
-                return 0, 0
-            deleted = conn.execute(delete(outbox).where(outbox.c.id.in_(ids))).rowcount
-            return len(ids), int(deleted or 0)
+            return int(conn.execute(delete(outbox).where(outbox.c.id.in_(oldest))).rowcount or 0)
 
         return delete_in_batches(self.engine, delete_batch, stop)
 

@@ -170,22 +170,19 @@ class RunHistory:
         many. In short transactions (see ``delete_in_batches``), until done or ``stop``
         is set. A run still going is kept, however old."""
 
-        def delete_batch(conn: Connection, size: int) -> tuple[int, int]:
-            ids = list(
-                conn.execute(
-                    select(runs.c.id)
-                    .where(runs.c.started_at < before.astimezone(UTC))
-                    .where(runs.c.finished_at.is_not(None))
-                    .where(runs.c.status.not_in(_UNFINISHED))
-                    .order_by(runs.c.started_at)
-                    .limit(size)
-                ).scalars()
+        def delete_batch(conn: Connection, size: int) -> int:
+            # The ids as a subquery, not as parameters: SQLite before 3.32 takes 999.
+            oldest = (
+                select(runs.c.id)
+                .where(runs.c.started_at < before.astimezone(UTC))
+                .where(runs.c.finished_at.is_not(None))
+                .where(runs.c.status.not_in(_UNFINISHED))
+                .order_by(runs.c.started_at)
+                .limit(size)
+                .scalar_subquery()
             )
-            if not ids:
-                return 0, 0
-            conn.execute(delete(run_steps).where(run_steps.c.run_id.in_(ids)))
-            deleted = conn.execute(delete(runs).where(runs.c.id.in_(ids))).rowcount
-            return len(ids), int(deleted or 0)
+            conn.execute(delete(run_steps).where(run_steps.c.run_id.in_(oldest)))
+            return int(conn.execute(delete(runs).where(runs.c.id.in_(oldest))).rowcount or 0)
 
         return delete_in_batches(self.engine, delete_batch, stop, first_batch)
 

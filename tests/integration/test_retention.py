@@ -4,14 +4,16 @@ runs still going, pending and failed notifications are kept."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serving import ServeFactory, ServerPool
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 from typer.testing import CliRunner
 
 from flowrunner.app import database_url
@@ -181,5 +183,24 @@ async def test_a_server_stopping_during_a_prune_ends_it_cleanly(
         left = _run_ids(database)
         assert 0 < len(left) < 20_000  # stopped part way
         assert {f"old-{index:05d}" for index in range(len(left))} == left  # oldest first
+    finally:
+        database.close()
+
+
+def test_prune_needs_no_parameter_per_run(tmp_path: Path) -> None:
+    """A batch of thousands of runs is deleted even where SQLite takes at most 999 query
+    parameters (its limit before 3.32): the runs are chosen by a subquery."""
+    database = Database.open(f"sqlite:///{tmp_path / 'state.db'}")
+
+    @event.listens_for(database.engine, "connect")
+    def old_limit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    database.engine.dispose()  # connections made from now on have the old limit
+    try:
+        old = [_run(f"old-{i:05d}", timedelta(days=40, seconds=i)) for i in range(3000)]
+        database.writes.write_now([row for run in old for row in finished_rows(run, False)])
+        assert RunHistory(database).prune(NOW - timedelta(days=30), first_batch=1500) == 3000
+        assert _run_ids(database) == set()
     finally:
         database.close()
