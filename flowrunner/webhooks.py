@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from flowrunner import jsontext
@@ -73,6 +73,11 @@ class WebhookEndpoint:
         except Refused as refused:
             log.info("webhook %s refused: %s", request.url.path, refused.reason)
             return JSONResponse({"error": refused.reason}, status_code=refused.status)
+        except ClientDisconnect:
+            # Gone before its whole body came (or a malformed chunk): no run, and nobody
+            # to answer.
+            log.info("webhook %s: the caller left before sending its body", request.url.path)
+            return Response(status_code=400)
 
     async def handle(self, request: Request) -> Response:
         path = request.path_params["path"].strip("/")

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import sqlite3
 import threading
@@ -464,6 +465,27 @@ def test_request_headers_are_bounded_over_real_http(real_http: str, tmp_path: Pa
             break
         time.sleep(0.05)
     assert runs == [("succeeded",), ("succeeded",)]
+
+
+def test_a_caller_leaving_mid_body_creates_no_run_and_no_error(
+    real_http: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that declares a body and leaves before sending it all gets no run, and the
+    server logs why at level info instead of an application error; it goes on serving."""
+    caplog.set_level(logging.INFO)
+    host, port = real_http.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(_hook_request()[:-4].replace(b"Content-Length: 8", b"Content-Length: 800"))
+    with httpx.Client(base_url=real_http, timeout=10) as client:
+        deadline = time.monotonic() + 5
+        while "left before sending its body" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text[-2000:]
+            time.sleep(0.02)
+        assert client.get("/healthz").json()["status"] == "ok"
+    assert "Exception in ASGI application" not in caplog.text
+    with sqlite3.connect(tmp_path / ".flowrunner" / "state.db") as conn:
+        assert conn.execute("SELECT count(*) FROM run_queue").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
 
 
 # ---------------------------------------------------------------- answers
