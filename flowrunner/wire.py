@@ -21,11 +21,12 @@ import asyncio
 import codecs
 import functools
 import logging
+import re
 import ssl
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus, urlencode
 
 import aiohttp
 import httpx
@@ -148,18 +149,43 @@ class BodyTooLarge(WireError):
 # ---------------------------------------------------------------- URLs
 
 
+# A URL that is percent-encoded already: only characters a URL may hold, and escapes.
+_ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+
+
+def parse_url(text: str) -> URL:
+    """``text`` as a URL (raises ValueError if it is not one). The query of a URL that is
+    percent-encoded already is kept as written: yarl would re-encode it, turning ``%2F``
+    into ``/``, which breaks a signed URL. Anything else (spaces, non-ASCII text) is
+    encoded, and the path normalised, by yarl."""
+    url = URL(text)
+    if "?" in text and _ENCODED_URL.fullmatch(text):
+        written = text.split("#", 1)[0].split("?", 1)[1]
+        if written != url.raw_query_string:
+            url = _with_query_string(url, written)
+    return url
+
+
 def merge_query(url: URL, params: Mapping[str, str | list[str]]) -> URL:
     """``url`` with ``params`` added to its own query string; a name already there takes
-    the new value(s) in its place. Encoded as a form would be (``quote_plus``), so that a
-    secret in a parameter reads in the URL as the run's masker expects."""
+    the new value(s) in its place. The URL's own parameters stay as they were written;
+    the new ones are encoded as a form would be (``quote_plus``), so that a secret in a
+    parameter reads in the URL as the run's masker expects."""
     if not params:
         return url
-    merged: dict[str, list[str]] = {}
-    for name, value in url.query.items():
-        merged.setdefault(name, []).append(value)
-    for name, given in params.items():
-        merged[name] = given if isinstance(given, list) else [given]
-    return with_query_items(url, ((name, v) for name, values in merged.items() for v in values))
+    given = {
+        name: urlencode([(name, v) for v in (values if isinstance(values, list) else [values])])
+        for name, values in params.items()
+    }
+    pairs: list[str] = []
+    for pair in url.raw_query_string.split("&") if url.raw_query_string else []:
+        name = unquote_plus(pair.split("=", 1)[0])
+        if name not in params:
+            pairs.append(pair)
+        elif name in given and (values := given.pop(name)):
+            pairs.append(values)  # the first time the name comes: the new values, in its place
+    pairs.extend(value for value in given.values() if value)
+    return _with_query_string(url, "&".join(pairs))
 
 
 def without_query(url: URL, names: Iterable[str]) -> URL:
@@ -171,11 +197,15 @@ def without_query(url: URL, names: Iterable[str]) -> URL:
 
 
 def with_query_items(url: URL, items: Iterable[tuple[str, str]]) -> URL:
+    return _with_query_string(url, urlencode(list(items)))
+
+
+def _with_query_string(url: URL, query_string: str) -> URL:
     return URL.build(
         scheme=url.scheme,
         authority=url.raw_authority,
         path=url.raw_path,
-        query_string=urlencode(list(items)),
+        query_string=query_string,
         fragment=url.raw_fragment,
         encoded=True,
     )
@@ -195,7 +225,7 @@ def redirect_request(response: WireResponse) -> WireRequest | None:
         return None
     request = response.request
     try:
-        url = URL(location)
+        url = parse_url(location)
     except ValueError:
         raise WireConnectionError(
             "RemoteProtocolError", f"invalid URL in the Location header: {location!r}"

@@ -35,6 +35,7 @@ from flowrunner.wire import (
     WireResponse,
     WireTimeout,
     merge_query,
+    parse_url,
     redirect_request,
     send_with_auth,
     without_query,
@@ -109,7 +110,7 @@ class HttpCall:
                 f"URL {self.run.masker.mask(text)!r} is not absolute (http:// or https://)"
             )
         try:
-            url = URL(text)
+            url = parse_url(text)
         except ValueError as exc:
             raise StepFailed(f"URL {self.run.masker.mask(text)!r} is not valid: {exc}") from None
         host = url.host

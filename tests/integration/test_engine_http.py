@@ -291,6 +291,38 @@ async def test_unexpected_status_fails_with_status_and_excerpt(
     assert step.response is not None and step.response["status"] == 201
 
 
+async def test_a_url_already_encoded_is_sent_as_written(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory
+) -> None:
+    """The query of a URL written percent-encoded (a signed URL from an earlier step, say)
+    reaches the server as written, %2F included, with the step's `query` replacing a name
+    in place and adding the others; a URL written with a space is still encoded."""
+    record = await run_flow(
+        write_project,
+        open_runtime,
+        """
+        name: f
+        steps:
+          - id: signed
+            http: {url: "@BASE@/echo?path=a%2Fb&sig=k%3D%3D&x=1"}
+            outputs: {raw: $.raw_query}
+          - id: merged
+            http:
+              url: "@BASE@/echo?path=a%2Fb&sig=k%3D%3D&x=1"
+              query: {x: "2", extra: "é"}
+            outputs: {raw: $.raw_query}
+          - id: spaced
+            http: {url: "@BASE@/echo?q=a b"}
+            outputs: {q: "$.query.q[0]"}
+        """,
+    )
+    assert record.status == "succeeded", record.error
+    outputs = {s.path: s.outputs for s in record.steps}
+    assert outputs["signed"] == {"raw": "path=a%2Fb&sig=k%3D%3D&x=1"}
+    assert outputs["merged"] == {"raw": "path=a%2Fb&sig=k%3D%3D&x=2&extra=%C3%A9"}
+    assert outputs["spaced"] == {"q": "a b"}
+
+
 async def test_relative_url_joins_the_profile_base_url(
     write_project: ProjectWriter, open_runtime: RuntimeFactory, monkeypatch: Any
 ) -> None:

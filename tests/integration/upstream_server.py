@@ -99,6 +99,7 @@ def create_upstream(state: UpstreamState) -> Starlette:
             "host": request.headers.get("host"),
             "headers": dict(request.headers),
             "query": {k: request.query_params.getlist(k) for k in request.query_params},
+            "raw_query": request.scope["query_string"].decode("latin-1"),
             "body": text,
             "json": parsed,
             "form": form,
