@@ -378,7 +378,7 @@ def runs_rerun(
     if "headers" in trigger or user_token:
         trigger["headers"] = headers
     if "user" in trigger:  # the caller is whoever's token this rerun carries, if anyone
-        trigger["user"] = user_of_credential(user_token) if user_token else None
+        trigger["user"] = user_of_credential(user_token)
     if masked and not user_token:
         err.print(
             f"note: the original {', '.join(masked)} header(s) were secret and are not "

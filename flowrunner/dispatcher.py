@@ -148,7 +148,7 @@ class Dispatcher:
             now,
             now,
             error=reason,
-            user=_user(user_token),
+            user=user_of_credential(user_token),
         )
         self.history.record(record)
         if self.on_refused is not None:
@@ -203,7 +203,7 @@ class Dispatcher:
                         queued.created_at,
                         now,
                         error=INTERRUPTED_MESSAGE,
-                        user=_user(queued.user_token),
+                        user=user_of_credential(queued.user_token),
                     )
                 )
             else:
@@ -297,7 +297,7 @@ class Dispatcher:
                 now,
                 now,
                 error=exc.message,
-                user=_user(queued.user_token),
+                user=user_of_credential(queued.user_token),
             )
             self.history.record(record)
         except asyncio.CancelledError:
@@ -333,11 +333,6 @@ class Dispatcher:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-
-
-def _user(user_token: str | None) -> str | None:
-    """``run.user`` of a run that never reached the engine (which names it otherwise)."""
-    return user_of_credential(user_token) if user_token else None
 
 
 def _without_secrets(trigger: dict[str, Any]) -> dict[str, Any]:

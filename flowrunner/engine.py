@@ -144,7 +144,7 @@ class Engine:
                 masker.add(value)
                 masker.add(str(value).split(" ", 1)[-1])
         # run.user: whose token the run carries, as the token's claims name them.
-        user = user_of_credential(user_token) if user_token else None
+        user = user_of_credential(user_token)
         record = RunRecord(
             id=run_id,
             flow=flow.name,

@@ -380,13 +380,15 @@ def _is_loopback(host: str) -> bool:
 # A request's line and headers may take this much, as h11 allows. uvicorn's httptools
 # parser has no limit of its own: a header of 30 MB was read whole, and kept with the run.
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
+_HEAD_TOO_LARGE_REASON = (
+    f"the request line and headers are larger than {MAX_REQUEST_HEAD_BYTES // 1024} KiB"
+)
 _HEAD_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"content-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 51\r\n"
-    b"connection: close\r\n\r\n"
-    b"the request line and headers are larger than 16 KiB"
-)
+    b"content-length: %d\r\n"
+    b"connection: close\r\n\r\n%s"
+) % (len(_HEAD_TOO_LARGE_REASON), _HEAD_TOO_LARGE_REASON.encode())
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -430,7 +432,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._refused = True
-        log.info("a request refused: its line and headers are larger than 16 KiB")
+        log.info("a request refused: %s", _HEAD_TOO_LARGE_REASON)
         self.transport.write(_HEAD_TOO_LARGE)
         self.transport.close()
 

@@ -99,7 +99,7 @@ class WebhookEndpoint:
             "method": request.method,
             "path": path,
             # Who called, when the webhook acts as the calling user and the token says.
-            "user": user_of_credential(user_token) if user_token else None,
+            "user": user_of_credential(user_token),
         }
         dedupe = None
         if webhook.dedupe is not None:

@@ -34,10 +34,13 @@ def claim_time(values: dict[str, Any] | None, name: str) -> datetime | None:
 MAX_USER_LENGTH = 200
 
 
-def user_of_credential(value: str) -> str | None:
+def user_of_credential(value: str | None) -> str | None:
     """The user an Authorization value (``Bearer <jwt>``) or a bare token belongs to, as
-    its claims name them; None for an opaque token. The claims are not verified (the API
-    checks the token): this names the user for people to read, it proves nothing."""
+    its claims name them; None for an opaque token, or none. The claims are not verified
+    (the API checks the token): this names the user for people to read, it proves
+    nothing."""
+    if not value:
+        return None
     scheme, _, rest = value.strip().partition(" ")
     return user_of(rest.strip() if rest else scheme)
 
