@@ -16,6 +16,7 @@ from flowrunner.auth import ProfileAuth
 from flowrunner.engine import Engine
 from flowrunner.events import EventBus
 from flowrunner.history import record_history
+from flowrunner.http1 import Http1Wire
 from flowrunner.loader import Project, load_project
 from flowrunner.notify import Notifier
 from flowrunner.reminders import Reminders
@@ -25,7 +26,7 @@ from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import STATE_DIR
 from flowrunner.store.notifications import NotificationStore
 from flowrunner.store.tokens import TokenStore
-from flowrunner.wire import USER_AGENT, AiohttpWire, HttpxWire, Wire, default_ssl_context
+from flowrunner.wire import USER_AGENT, HttpxWire, Wire, default_ssl_context
 
 DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
 
@@ -51,18 +52,12 @@ class FlowClient(httpx.AsyncClient):
         return None
 
 
-def make_client(
-    transport: httpx.AsyncBaseTransport | None = None, wire: AiohttpWire | None = None
-) -> httpx.AsyncClient:
+def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The httpx client for what is not an http step (token endpoints, notifications), over
-    aiohttp's transport: on the wire's connection pool when given one, so that the process
-    keeps one pool."""
+    aiohttp's transport, with a connection pool of its own: these calls are few, and
+    httpx's auth flows and MockTransport are worth more to them than speed."""
     if transport is None:
-        transport = AiohttpTransport(
-            verify=default_ssl_context(),
-            limits=DEFAULT_LIMITS,
-            client=wire.session if wire is not None else None,
-        )
+        transport = AiohttpTransport(verify=default_ssl_context(), limits=DEFAULT_LIMITS)
     return FlowClient(
         transport=transport, timeout=httpx.Timeout(30.0), headers={"User-Agent": USER_AGENT}
     )
@@ -132,12 +127,11 @@ def build_runtime(
     bus = EventBus()
     if keep_history:
         record_history(bus, history)
-    # http steps go through plain aiohttp; with a transport given (httpx.MockTransport in
-    # tests), they go through the httpx client built on it, like everything else.
+    # http steps go through flowrunner's own HTTP/1.1 client; with a transport given
+    # (httpx.MockTransport in tests), through the httpx client built on it.
     wire: Wire
     if transport is None:
-        pool = AiohttpWire()
-        wire, client = pool, make_client(wire=pool)
+        wire, client = Http1Wire(), make_client()
     else:
         client = make_client(transport)
         wire = HttpxWire(client)

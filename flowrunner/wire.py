@@ -2,8 +2,8 @@
 
 Step requests are the hot path of a run, so they do not go through httpx's client: a
 :class:`WireRequest` is a plain record (a ``yarl.URL``, parsed once; headers in a
-case-insensitive ``CIMultiDict``), and :class:`AiohttpWire` hands it to one pooled
-``aiohttp.ClientSession``. :class:`HttpxWire` sends the same requests through an
+case-insensitive ``CIMultiDict``), and :class:`flowrunner.http1.Http1Wire` sends it over
+a connection pool of its own. :class:`HttpxWire` sends the same requests through an
 ``httpx.AsyncClient`` instead; it is used when a transport is given to ``build_runtime``
 (tests inject ``httpx.MockTransport`` that way). Both raise the same errors, and both
 read the body with a size limit before the response is handed back.
@@ -34,18 +34,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from flowrunner import __version__
-from flowrunner.deadlines import Deadlines
 from flowrunner.secrets import MaskingFilter
 
 USER_AGENT = f"flowrunner/{__version__}"
 DEFAULT_TIMEOUT = 30.0
-MAX_CONNECTIONS = 200
-# aiohttp keeps idle connections until they are this old; it has no separate cap on how
-# many are kept (httpx's max_keepalive_connections), so MAX_CONNECTIONS bounds both.
-KEEPALIVE_SECONDS = 5.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_READ_CHUNK = 65536
-_NO_TIMEOUT = aiohttp.ClientTimeout()  # the exchange is bounded by a deadline watch instead
 
 # The httpx client still serves token endpoints and notifications, and httpx logs each
 # request's URL at INFO: mask it like everything else a run writes.
@@ -330,111 +323,9 @@ def default_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-class AiohttpWire:
-    """Step requests over one pooled ``aiohttp.ClientSession`` for the process.
-
-    The session is opened on the first request, inside the running event loop (a runtime
-    may be built before the loop starts). It keeps no cookies (it serves every run, flow
-    and profile), follows no redirects (the step does, to keep credentials where they
-    belong), decompresses gzip and deflate bodies, and sends ``User-Agent:
-    flowrunner/<version>`` unless the request carries its own."""
-
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._ssl = ssl_context
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
-        self._deadlines = Deadlines()
-
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session, opened on first use (also shared with the httpx client that
-        calls token endpoints, through its aiohttp transport)."""
-        if self._session is None:
-            if self._closed:
-                raise RuntimeError("this connection pool is closed")
-            connector = aiohttp.TCPConnector(
-                limit=MAX_CONNECTIONS,
-                keepalive_timeout=KEEPALIVE_SECONDS,
-                ssl=self._ssl or default_ssl_context(),
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers={"User-Agent": USER_AGENT},
-                timeout=aiohttp.ClientTimeout(total=DEFAULT_TIMEOUT),
-                auto_decompress=True,
-            )
-        return self._session
-
-    async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
-        session = self._session or self.session()
-        # Not aiohttp's timeout: when the step's timeout expires at the same moment, the
-        # two are told apart and the step's wins. A watch of flowrunner.deadlines rather
-        # than asyncio.timeout: no timer armed and cancelled per request.
-        watch = self._deadlines.start(request.timeout)
-        try:
-            response = await session.request(
-                request.method,
-                request.url,
-                headers=request.headers,
-                data=request.content,
-                allow_redirects=False,
-                timeout=_NO_TIMEOUT,
-            )
-            try:
-                if request.method == "HEAD":
-                    content = await response.read()  # no body, whatever Content-Length says
-                else:
-                    content = await _read_aiohttp(response, body_limit)
-            finally:
-                response.release()
-        except asyncio.CancelledError:
-            if watch.timed_out():
-                raise WireTimeout(f"no complete answer within {request.timeout:g}s") from None
-            raise
-        except aiohttp.ClientPayloadError as exc:  # the body was cut short
-            raise WireConnectionError("ReadError", str(exc)) from exc
-        except aiohttp.ClientResponseError as exc:  # not HTTP, or malformed
-            raise WireConnectionError("RemoteProtocolError", exc.message) from exc
-        except aiohttp.ClientConnectionError as exc:  # refused, reset, DNS, hung up
-            raise WireConnectionError("ConnectError", str(exc)) from exc
-        except aiohttp.ClientError as exc:
-            raise WireConnectionError(type(exc).__name__, str(exc)) from exc
-        finally:
-            watch.close()
-        return WireResponse(
-            response.status, response.headers, content, response.charset, response.url, request
-        )
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._deadlines.close()
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-
-async def _read_aiohttp(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    length = response.content_length
-    encoded = "Content-Encoding" in response.headers  # decompressed, it may be any size
-    if length is not None and not encoded:
-        if length > limit:
-            response.close()
-            raise BodyTooLarge(limit)
-        return await response.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(_READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            response.close()  # the rest is never read: the connection is not reused
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class HttpxWire:
     """Step requests through an ``httpx.AsyncClient`` (one built on an injected
-    transport), with the same errors and the same bounded body read as AiohttpWire."""
+    transport), with the same errors and the same bounded body read as Http1Wire."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client

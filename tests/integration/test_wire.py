@@ -18,10 +18,10 @@ from yarl import URL
 
 from flowrunner import __version__
 from flowrunner.app import Runtime, build_runtime
+from flowrunner.http1 import Http1Wire
 from flowrunner.loader import load_project
 from flowrunner.store.runs import RunRecord
 from flowrunner.wire import (
-    AiohttpWire,
     BodyTooLarge,
     WireConnectionError,
     WireRequest,
@@ -36,8 +36,8 @@ CONSUMER_SECRET = "cs_9b2d/4e+61"  # characters a query string encodes
 
 
 @pytest.fixture
-async def wire() -> AsyncIterator[AiohttpWire]:
-    opened = AiohttpWire()
+async def wire() -> AsyncIterator[Http1Wire]:
+    opened = Http1Wire()
     yield opened
     await opened.aclose()
 
@@ -78,7 +78,7 @@ def shop_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_the_body_is_read_up_to_the_limit_with_or_without_content_length(
-    wire: AiohttpWire, upstream: Upstream
+    wire: Http1Wire, upstream: Upstream
 ) -> None:
     """A body with a Content-Length is read whole when it fits and refused unread when it
     does not; a streamed one (no Content-Length) is read until it passes the limit. The
@@ -99,7 +99,7 @@ async def test_the_body_is_read_up_to_the_limit_with_or_without_content_length(
 
 
 async def test_a_gzip_body_is_decompressed_and_limited_by_its_decompressed_size(
-    wire: AiohttpWire, upstream: Upstream
+    wire: Http1Wire, upstream: Upstream
 ) -> None:
     """gzip is decoded; the limit counts the decoded bytes, so a small compressed body that
     expands past it is refused."""
@@ -112,7 +112,7 @@ async def test_a_gzip_body_is_decompressed_and_limited_by_its_decompressed_size(
 
 
 async def test_a_refused_connection_and_a_slow_answer_are_told_apart(
-    wire: AiohttpWire, upstream: Upstream, closed_port: int
+    wire: Http1Wire, upstream: Upstream, closed_port: int
 ) -> None:
     with pytest.raises(WireConnectionError) as refused:
         await wire.send(get(f"http://127.0.0.1:{closed_port}/"), 1000)
@@ -125,7 +125,7 @@ async def test_a_refused_connection_and_a_slow_answer_are_told_apart(
 
 
 async def test_the_timeout_covers_a_body_that_stalls_after_its_headers(
-    wire: AiohttpWire, upstream: Upstream
+    wire: Http1Wire, upstream: Upstream
 ) -> None:
     """The request's timeout bounds the whole exchange, not only the wait for headers: a
     body whose chunks stop coming fails as a timeout, and the pool serves the next one."""
@@ -159,7 +159,7 @@ async def serve_raw(answer: bytes) -> tuple[asyncio.Server, int]:
     ],
 )
 async def test_a_server_that_hangs_up_or_speaks_no_http(
-    wire: AiohttpWire, answer: bytes, kind: str
+    wire: Http1Wire, answer: bytes, kind: str
 ) -> None:
     server, port = await serve_raw(answer)
     async with server:
@@ -169,7 +169,7 @@ async def test_a_server_that_hangs_up_or_speaks_no_http(
 
 
 async def test_the_user_agent_is_flowrunners_unless_the_request_sets_one(
-    wire: AiohttpWire, upstream: Upstream
+    wire: Http1Wire, upstream: Upstream
 ) -> None:
     default = await wire.send(get(f"{upstream.base_url}/echo"), 100_000)
     own = await wire.send(get(f"{upstream.base_url}/echo", {"user-agent": "mine/2"}), 100_000)
