@@ -56,6 +56,7 @@ from flowrunner.wire import (
 MAX_CONNECTIONS = 200
 KEEPALIVE_SECONDS = 5.0
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_INFORMATIONAL = 10  # 1xx answers before the real one (100 Continue, 103 Early Hints)
 # A request sent again when a reused connection turns out closed: safe only for these.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose request always states its body's length, even when there is none.
@@ -129,28 +130,33 @@ class Http1Wire:
 
     async def _acquire(self, key: Key, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to ``key``: an idle one (True), or a new one (False)."""
-        if self._closed:
-            raise RuntimeError("this connection pool is closed")
-        idle = self._idle.get(key)
-        if idle and not fresh:
-            now = time.monotonic()
-            while idle:
-                connection = idle.pop()
-                if connection.reusable(now, self.keepalive_seconds):
-                    connection.idle = False
-                    return connection, True
-                connection.close()
-        while self.open_connections >= self.max_connections:
-            if not self._close_oldest_idle():
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.append(waiter)
-                try:
-                    await waiter
-                except BaseException:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake_one()  # woken, but leaving: the turn goes to the next
-                    raise
-        return await self._connect(key), False
+        while True:
+            if self._closed:
+                raise RuntimeError("this connection pool is closed")
+            # Looked at again after each wait: the connection freed may be to this host.
+            idle = self._idle.get(key)
+            if idle and not fresh:
+                now = time.monotonic()
+                while idle:
+                    connection = idle.pop()
+                    if not idle:
+                        del self._idle[key]  # no empty list kept per host ever reached
+                    if connection.reusable(now, self.keepalive_seconds):
+                        connection.idle = False
+                        return connection, True
+                    connection.close()
+            if self.open_connections < self.max_connections:
+                return await self._connect(key), False
+            if self._close_oldest_idle():
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving: the turn goes to the next
+                raise
 
     async def _connect(self, key: Key) -> _Connection:
         scheme, host, port = key
@@ -277,6 +283,13 @@ def _request_head(request: WireRequest) -> bytes:
         ) from None
 
 
+def _head_too_large() -> WireConnectionError:
+    return WireConnectionError(
+        "RemoteProtocolError",
+        f"the answer's headers are larger than {MAX_RESPONSE_HEAD_BYTES} bytes",
+    )
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: one exchange at a time, parsed by httptools."""
 
@@ -298,13 +311,19 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunks: list[bytes] = []
         self._size = 0
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes read while the head was incomplete
+        self._header_bytes = 0  # the size of the headers parsed
         self._headers_done = False
         self._answered = False  # a byte of the answer came
         self._until_close = False  # the body ends when the server closes
         self._decoder: Any = None
         self._encoding = ""
+        # The first bytes of a "deflate" body, until zlib has checked its header (on two
+        # bytes): fed again to a raw decoder if the body has no zlib wrapper.
+        self._undecided: bytes | None = None
+        self._fed = False  # compressed bytes came
         self._status = 0
+        self._informational = 0  # 1xx answers before this one
 
     # ------------------------------------------------------------ one exchange
 
@@ -394,23 +413,28 @@ class _Connection(asyncio.Protocol):
             and self._waiter is not None
             and self._head_bytes > MAX_RESPONSE_HEAD_BYTES
         ):
-            self._fail(
-                WireConnectionError(
-                    "RemoteProtocolError",
-                    f"the answer's headers are larger than {MAX_RESPONSE_HEAD_BYTES} bytes",
-                )
-            )
+            self._fail(_head_too_large())
 
     # ------------------------------------------------------------ httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # bytes after the answer, unasked for: not reused
+            self.keep_alive = False
+            if self.transport is not None:
+                self.transport.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
 
     def on_headers_complete(self) -> None:
         self._status = status = self._parser.get_status_code()
         if 100 <= status < 200:
             return  # informational: the real answer follows
         self._headers_done = True
+        if self._header_bytes > MAX_RESPONSE_HEAD_BYTES:  # it came whole, in one read
+            self._fail(_head_too_large())
+            return
         length: int | None = None
         chunked = False
         for name, value in self._headers:
@@ -423,6 +447,7 @@ class _Connection(asyncio.Protocol):
                 self._encoding = value.strip().lower().decode("latin-1")
         if self._encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, from the header
+            self._undecided = b"" if self._encoding == "deflate" else None
         else:
             self._decoder = None
         request = self._request
@@ -452,21 +477,36 @@ class _Connection(asyncio.Protocol):
 
     def _decompress(self, data: bytes) -> bytes:
         room = self._limit - self._size + 1  # one byte past the limit tells it is passed
+        undecided = self._undecided
+        self._fed = True
         try:
             out: bytes = self._decoder.decompress(data, room)
         except zlib.error:
-            if self._encoding != "deflate" or self._size or self._chunks:
+            if undecided is None:
                 raise
             # "deflate" sent raw, without its zlib wrapper, as some servers do.
+            self._undecided = None
             self._decoder = zlib.decompressobj(wbits=-zlib.MAX_WBITS)
-            out = self._decoder.decompress(data, room)
+            out = self._decoder.decompress(undecided + data, room)
+        else:
+            if undecided is not None:
+                undecided += data
+                self._undecided = undecided if len(undecided) < 2 else None
         if self._decoder.unconsumed_tail:
             return out + b"\0"  # more than the room: the caller sees the limit passed
         return out
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
-            self._headers, self._head_bytes, self._status = [], 0, 0
+            self._headers, self._head_bytes, self._header_bytes, self._status = [], 0, 0, 0
+            self._informational += 1
+            if self._informational > MAX_INFORMATIONAL:
+                self._fail(
+                    WireConnectionError(
+                        "RemoteProtocolError",
+                        f"more than {MAX_INFORMATIONAL} informational (1xx) answers in a row",
+                    )
+                )
             return
         if self._waiter is None or self._waiter.done():
             return
@@ -476,8 +516,13 @@ class _Connection(asyncio.Protocol):
             and self.transport is not None
         )
         if self._decoder is not None:
-            tail = self._decoder.flush()
-            self._decoder = None
+            decoder, self._decoder = self._decoder, None
+            tail = decoder.flush()
+            if self._fed and not decoder.eof:
+                self._fail(
+                    WireConnectionError("DecodingError", "the compressed body stops before its end")
+                )
+                return
             if tail:
                 self.on_body(tail)
                 if self._waiter is None:
