@@ -12,18 +12,26 @@ the server closes.
 What it does:
 
 - keeps connections alive and reuses them, per scheme, host and port, the most recently
-  used first; a connection idle for ``KEEPALIVE_SECONDS`` is closed when next looked at;
+  used first; a connection idle for ``KEEPALIVE_SECONDS`` is closed (one timer sweeps
+  them all), and keeps nothing of the last answer meanwhile;
 - opens at most ``MAX_CONNECTIONS`` at once; past that, an idle connection to another
   host is closed to make room, or the request waits for one to come free;
 - sends a request that a reused connection lost before any byte of its answer (the
   server closed it while idle) once more on a new connection, if its method is
   idempotent, as aiohttp and browsers do;
-- decompresses gzip and deflate bodies, with the limit counted on the decompressed bytes;
-- refuses a response whose headers pass ``MAX_RESPONSE_HEAD_BYTES`` (httptools has no
-  such limit of its own);
+- decompresses gzip and deflate bodies, with the limit counted on the decompressed bytes
+  (bytes after the end of the compressed stream fail the answer, but a next gzip member);
+- refuses a response whose headers, or a chunked body's trailers, pass
+  ``MAX_RESPONSE_HEAD_BYTES`` (httptools has no such limit of its own); trailers are not
+  kept;
+- sends a header only if its name is a token and its value holds no control character
+  (no header injection from a rendered value); reads header values as UTF-8, or Latin-1
+  when they are not;
+- does not reuse a connection whose request said ``Connection: close``, or that was
+  answered before its request body was all sent;
 - bounds the whole exchange by the request's timeout, through one deadline sweep for all
   requests (:mod:`flowrunner.deadlines`); a connection whose exchange was cut short is
-  closed, never reused.
+  dropped at once (its unsent bytes with it), never reused.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Headers the client writes itself, from the request's body.
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 _CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\s;\"]+)", re.IGNORECASE)
+# A header name is a token (RFC 9110); a value holds no control character but a tab.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 _NO_ANSWER = "the server closed the connection without answering"
 
@@ -92,6 +104,7 @@ class Http1Wire:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._deadlines = Deadlines()
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None  # closes expired idle connections
 
     @property
     def open_connections(self) -> int:
@@ -100,7 +113,9 @@ class Http1Wire:
     async def send(self, request: WireRequest, body_limit: int) -> WireResponse:
         url = request.url
         if url.scheme not in ("http", "https") or not url.raw_host:
-            raise WireConnectionError("UnsupportedProtocol", f"cannot send a request to {url}")
+            raise WireConnectionError(
+                "UnsupportedProtocol", f"cannot send a request to a {url.scheme or 'relative'} URL"
+            )
         key: Key = (url.scheme, url.raw_host, url.port or 0)
         head = _request_head(request)
         # A watch of flowrunner.deadlines rather than asyncio.timeout: no timer armed and
@@ -162,14 +177,21 @@ class Http1Wire:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         secure = scheme == "https"
-        self._opening += 1
+        created: list[_Connection] = []
+
+        def protocol() -> _Connection:
+            created.append(_Connection(self, key))
+            return created[-1]
+
+        self._opening += 1  # until connection_made counts it among the open ones
         try:
             _, connection = await loop.create_connection(
-                lambda: _Connection(self, key),
+                protocol,
                 host,
                 port,
                 ssl=(self._ssl or default_ssl_context()) if secure else None,
-                server_hostname=host if secure else None,
+                # A name written with its final dot ("example.com.") is checked without it.
+                server_hostname=host.rstrip(".") if secure else None,
             )
         except ssl.SSLError as exc:
             reason = getattr(exc, "verify_message", None) or exc.reason or exc
@@ -186,10 +208,15 @@ class Http1Wire:
             raise WireConnectionError(
                 "ConnectError", f"Cannot connect to host {host}:{port}: {reason}"
             ) from exc
+        except UnicodeError as exc:  # a label too long or empty for IDNA
+            raise WireConnectionError("ConnectError", f"invalid host name: {exc}") from exc
         finally:
-            self._opening -= 1
-            if len(self._connections) + self._opening < self.max_connections:
+            if not (created and created[-1].counted):
+                self._opening -= 1
                 self._wake_one()
+        if self._closed:  # closed while this connection was being opened
+            connection.close()
+            raise RuntimeError("this connection pool is closed")
         return connection
 
     def _close_oldest_idle(self) -> bool:
@@ -206,14 +233,42 @@ class Http1Wire:
 
     def _release(self, connection: _Connection) -> None:
         """An exchange is over: keep the connection for the next, or let it go."""
-        if self._closed or not connection.keep_alive or connection.closed:
+        transport = connection.transport
+        if (
+            self._closed
+            or not connection.keep_alive
+            or connection.closed
+            or transport is None
+            # Answered before its request was all sent (a 401 to a large upload, say):
+            # the rest of the body would go out before the next request.
+            or transport.get_write_buffer_size()
+        ):
             connection.close()
             return
         connection.idle, connection.idle_since = True, time.monotonic()
         self._idle.setdefault(connection.key, []).append(connection)
+        if self._sweep is None:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(self.keepalive_seconds, self._close_expired)
         self._wake_one()  # a waiter for another host may now close it to make room
 
+    def _close_expired(self) -> None:
+        """Close the connections idle for ``keepalive_seconds`` (one timer for all)."""
+        self._sweep = None
+        now = time.monotonic()
+        for connections in list(self._idle.values()):
+            for connection in [
+                c for c in connections if not c.reusable(now, self.keepalive_seconds)
+            ]:
+                connection.close()
+        if self._idle and not self._closed:
+            self._sweep = asyncio.get_running_loop().call_later(
+                self.keepalive_seconds / 2, self._close_expired
+            )
+
     def _opened(self, connection: _Connection) -> None:
+        connection.counted = True
+        self._opening -= 1
         self._connections.add(connection)
 
     def _lost(self, connection: _Connection) -> None:
@@ -235,6 +290,9 @@ class Http1Wire:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._deadlines.close()
         for connection in list(self._connections):
             connection.close()
@@ -255,9 +313,11 @@ def _request_head(request: WireRequest) -> bytes:
         lower = name.lower()
         if lower in _FRAMING:
             continue
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
             raise WireConnectionError(
-                "InvalidHeader", f"header {name!r} holds a line break or a colon in its name"
+                "InvalidHeader",
+                f"header {name!r}: a name is letters, digits and !#$%&'*+-.^_`|~, and a "
+                "value holds no line break or other control character",
             )
         given.add(lower)
         lines.append(f"{name}: {value}")
@@ -301,6 +361,7 @@ class _Connection(asyncio.Protocol):
         self.idle = False
         self.idle_since = 0.0
         self.keep_alive = False
+        self.counted = False  # among the pool's open connections
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
@@ -309,7 +370,7 @@ class _Connection(asyncio.Protocol):
         self._request: WireRequest | None = None
         self._limit = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._chunks: list[bytes] = []
+        self._body = bytearray()
         self._size = 0
         self._head_bytes = 0  # bytes read while the head was incomplete
         self._header_bytes = 0  # the size of the headers parsed
@@ -324,6 +385,7 @@ class _Connection(asyncio.Protocol):
         self._fed = False  # compressed bytes came
         self._status = 0
         self._informational = 0  # 1xx answers before this one
+        self._close_after = False  # the request said Connection: close
 
     # ------------------------------------------------------------ one exchange
 
@@ -333,6 +395,7 @@ class _Connection(asyncio.Protocol):
             raise _Stale
         self._reset()
         self._request, self._limit = request, limit
+        self._close_after = "close" in request.headers.get("Connection", "").lower()
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         self.keep_alive = False
         transport.write(head + request.content if request.content else head)
@@ -354,8 +417,10 @@ class _Connection(asyncio.Protocol):
         )
 
     def close(self) -> None:
+        # abort(), not close(): a request cut short may leave a large body unsent, which
+        # close() would go on sending (and the socket would outlive the pool's count).
         if self.transport is not None and not self.closed:
-            self.transport.close()
+            self.transport.abort()
         self._closed()
 
     def _closed(self) -> None:
@@ -370,7 +435,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -424,8 +489,11 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if not self._headers_done:
+            self._headers.append((name, value))
+        elif self._header_bytes > MAX_RESPONSE_HEAD_BYTES and self._waiter is not None:
+            self._fail(_head_too_large())  # trailers of a chunked body: counted, dropped
 
     def on_headers_complete(self) -> None:
         self._status = status = self._parser.get_status_code()
@@ -442,7 +510,8 @@ class _Connection(asyncio.Protocol):
             if lower == b"content-length":
                 length = int(value) if value.isdigit() else None
             elif lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+                # Chunked framing only when chunked is the last coding (as llhttp reads it).
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
             elif lower == b"content-encoding":
                 self._encoding = value.strip().lower().decode("latin-1")
         if self._encoding in ("gzip", "x-gzip", "deflate"):
@@ -455,10 +524,11 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False  # llhttp would wait for the body it announces: not reused
             self._complete()
             return
-        if length is not None and length > self._limit and self._decoder is None:
+        bodiless = status in (204, 304)  # a length here is the resource's, not a body's
+        if length is not None and length > self._limit and self._decoder is None and not bodiless:
             self._fail(BodyTooLarge(self._limit))
             return
-        self._until_close = length is None and not chunked and status not in (204, 304)
+        self._until_close = length is None and not chunked and not bodiless
 
     def on_body(self, body: bytes) -> None:
         if self._waiter is None:
@@ -473,28 +543,50 @@ class _Connection(asyncio.Protocol):
         if self._size > self._limit:
             self._fail(BodyTooLarge(self._limit))
             return
-        self._chunks.append(body)
+        self._body += body  # one buffer: a list of many small chunks costs far more
 
     def _decompress(self, data: bytes) -> bytes:
-        room = self._limit - self._size + 1  # one byte past the limit tells it is passed
-        undecided = self._undecided
+        """Decode ``data``; past the limit, one byte more than the room left (the caller
+        then sees the limit passed, and nothing more is decoded)."""
         self._fed = True
-        try:
-            out: bytes = self._decoder.decompress(data, room)
-        except zlib.error:
-            if undecided is None:
-                raise
-            # "deflate" sent raw, without its zlib wrapper, as some servers do.
-            self._undecided = None
-            self._decoder = zlib.decompressobj(wbits=-zlib.MAX_WBITS)
-            out = self._decoder.decompress(undecided + data, room)
-        else:
-            if undecided is not None:
-                undecided += data
-                self._undecided = undecided if len(undecided) < 2 else None
-        if self._decoder.unconsumed_tail:
-            return out + b"\0"  # more than the room: the caller sees the limit passed
-        return out
+        out = b""
+        while True:
+            if self._decoder.eof:
+                data = self._after_stream_end(data)
+                if not data:
+                    return out
+            room = self._limit - self._size - len(out) + 1
+            undecided = self._undecided
+            try:
+                piece: bytes = self._decoder.decompress(data, room)
+            except zlib.error:
+                if undecided is None:
+                    raise
+                # "deflate" sent raw, without its zlib wrapper, as some servers do.
+                self._undecided = None
+                self._decoder = zlib.decompressobj(wbits=-zlib.MAX_WBITS)
+                piece = self._decoder.decompress(undecided + data, room)
+            else:
+                if undecided is not None:
+                    undecided += data
+                    self._undecided = undecided if len(undecided) < 2 else None
+            out += piece
+            if self._decoder.unconsumed_tail:
+                return out + b"\0"
+            if not (self._decoder.eof and self._decoder.unused_data):
+                return out
+            data = b""  # the stream ended inside this data: what follows it, next
+
+    def _after_stream_end(self, data: bytes) -> bytes:
+        """Bytes after the end of a compressed stream: the next member of a gzip body
+        (what ``gzip`` itself writes when appending), else an error, not bytes piled up."""
+        rest: bytes = self._decoder.unused_data + data
+        if not rest:
+            return rest
+        if self._encoding == "deflate" or not rest.startswith(_GZIP_MAGIC[: len(rest)]):
+            raise zlib.error("bytes after the end of the compressed body")
+        self._decoder = zlib.decompressobj(wbits=31)
+        return rest
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
@@ -512,6 +604,7 @@ class _Connection(asyncio.Protocol):
             return
         self.keep_alive = (
             not self._until_close
+            and not self._close_after
             and self._parser.should_keep_alive()
             and self.transport is not None
         )
@@ -535,17 +628,31 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done() or request is None:
             return
         headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._headers
+            (name.decode("latin-1"), _header_text(value)) for name, value in self._headers
         )
         content_type = headers.get("Content-Type", "")
         found = _CHARSET.search(content_type) if "charset" in content_type.lower() else None
+        body = bytes(self._body)
+        # What the answer was read into goes now: an idle connection keeps none of it.
+        self._body, self._headers, self._request = bytearray(), [], None
         waiter.set_result(
             WireResponse(
                 self._status,
                 CIMultiDictProxy(headers),
-                b"".join(self._chunks),
+                body,
                 found.group(1) if found else None,
                 request.url,
                 request,
             )
         )
+
+
+def _header_text(value: bytes) -> str:
+    """A header value as text: UTF-8 when it is (as servers send non-ASCII values today),
+    else Latin-1 (what HTTP/1.1 once said), never an error."""
+    if value.isascii():
+        return value.decode("ascii")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")

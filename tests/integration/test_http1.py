@@ -869,3 +869,195 @@ async def test_https_with_a_trusted_certificate_and_refused_without(
     assert refused.value.kind == "ConnectError"
     assert "certificate" in refused.value.message
     assert server.requests() == [(0, "GET /secure"), (0, "GET /again")]
+
+
+# ---------------------------------------------------------------- limits and leftovers
+
+
+async def test_bytes_after_a_gzip_body_fail_it_and_a_second_member_is_read(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """After the end of a gzip stream, more junk is refused at once (not piled up past
+    the limit); a second gzip member, as `gzip` appends them, is decoded too."""
+    junk = gzip.compress(b"ok") + b"\x00" * (4 * 1024 * 1024)
+    members = gzip.compress(b"one,") + gzip.compress(b"two")
+
+    async def gzip_answers(peer: Peer) -> None:
+        while (seen := await peer.request()) is not None:
+            body = junk if seen.target == "/junk" else members
+            await peer.send(answer(body, "Content-Encoding: gzip"))
+
+    server = await serve(gzip_answers)
+    started = time.monotonic()
+    with pytest.raises(WireConnectionError) as failed:
+        await wire.send(get(server.url("/junk")), 1000)
+    assert failed.value.kind == "DecodingError"
+    assert time.monotonic() - started < 1.0
+    assert (await wire.send(get(server.url("/two")), LIMIT)).content == b"one,two"
+
+
+async def test_trailers_are_dropped_and_bounded(serve: ServerFactory, wire: Http1Wire) -> None:
+    """Trailer fields after a chunked body never become headers of the answer, and an
+    endless trailer fails like an endless head."""
+
+    async def trailers(peer: Peer) -> None:
+        while (seen := await peer.request()) is not None:
+            head = answer(b"", "Transfer-Encoding: chunked", length=False)
+            if seen.target == "/small":
+                await peer.send(head + chunk(b"hello") + b"0\r\nLocation: /elsewhere\r\n\r\n")
+                continue
+            await peer.send(head + chunk(b"hello") + b"0\r\n")
+            for number in range(200):
+                await peer.send(f"X-T-{number}: {'t' * 1000}\r\n".encode())
+            await peer.send(b"\r\n")
+
+    server = await serve(trailers)
+    small = await wire.send(get(server.url("/small")), LIMIT)
+    assert (small.content, "Location" in small.headers) == (b"hello", False)
+    with pytest.raises(WireConnectionError) as failed:
+        await wire.send(get(server.url("/endless")), LIMIT)
+    assert failed.value.kind == "RemoteProtocolError"
+
+
+async def test_a_body_in_tiny_chunks_costs_about_its_size_and_is_not_kept(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """200 KB in one-byte chunks is held in one buffer (a list of 200,000 pieces weighs
+    about 8 MB), and the idle connection keeps none of it once answered. The peak counts
+    the test server's side too (the 1.2 MB it writes, in the transport's buffer)."""
+    size = 200_000
+    head = answer(b"", "Transfer-Encoding: chunked", length=False)
+    payload = head + b"1\r\nx\r\n" * size + b"0\r\n\r\n"  # 1.2 MB, built beforehand
+
+    async def tiny_chunks(peer: Peer) -> None:
+        while await peer.request() is not None:
+            await peer.send(payload)
+
+    server = await serve(tiny_chunks)
+    tracemalloc.start()
+    try:
+        response = await wire.send(get(server.url("/tiny")), LIMIT)
+        assert response.content == b"x" * size
+        _, peak = tracemalloc.get_traced_memory()
+        del response
+        await asyncio.sleep(0)  # the loop lets go of the future that carried it
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000
+    assert held < 100_000
+    assert wire.open_connections == 1  # kept alive, without the body
+
+
+async def test_a_304_announcing_a_large_length_is_not_refused(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """A 304 may give the length of the resource it stands for: no body comes, so the
+    body limit does not apply, and the connection stays usable."""
+
+    async def not_modified(peer: Peer) -> None:
+        assert await peer.request() is not None
+        await peer.send(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50000000\r\n\r\n")
+        await echo(peer)
+
+    server = await serve(not_modified)
+    response = await wire.send(get(server.url("/cached")), 1000)
+    assert (response.status_code, response.content) == (304, b"")
+    assert (await wire.send(get(server.url("/next")), LIMIT)).content == b"GET /next"
+    assert server.accepted == 1
+
+
+async def test_an_early_answer_to_an_upload_does_not_leave_the_rest_for_the_next(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """The server answers 401 after reading only the head of a large POST: the connection
+    still holds the unsent body, so it is not reused; the next request (what an auth flow
+    sends after a refresh) goes out on a new connection and gets its own answer."""
+
+    async def refuse_early(peer: Peer) -> None:
+        if peer.index == 0:
+            await peer.reader.readuntil(b"\r\n\r\n")
+            await peer.send(answer(b"no", status="401 Unauthorized"))
+            await asyncio.sleep(0.3)  # reads nothing more, then hangs up
+            return
+        await echo(peer)
+
+    server = await serve(refuse_early)
+    upload = request("POST", server.url("/upload"), b"x" * (16 * 1024 * 1024))
+    first = await wire.send(upload, LIMIT)
+    assert first.status_code == 401
+    again = await wire.send(request("POST", server.url("/upload"), b"small"), LIMIT)
+    assert again.content == b"POST /upload small"
+    assert server.accepted == 2
+
+
+async def test_a_timed_out_upload_closes_its_socket_at_once(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """An exchange cut short drops its connection without flushing the unsent body: the
+    server sees it end, and the socket does not outlive the pool's count."""
+
+    async def never_read(peer: Peer) -> None:
+        await asyncio.sleep(5)
+
+    server = await serve(never_read)
+    with pytest.raises(WireTimeout):
+        await wire.send(
+            request("POST", server.url("/big"), b"x" * (16 * 1024 * 1024), None, 0.2), LIMIT
+        )
+    assert wire.open_connections == 0
+    body_size = 16 * 1024 * 1024
+    received = 0  # what reaches the server from now on: what was in flight, not the rest
+    with suppress(ConnectionError):
+        while data := await asyncio.wait_for(server.peers[0].reader.read(65536), 1.0):
+            received += len(data)
+    assert received < body_size / 2
+
+
+async def test_idle_connections_are_closed_after_the_keepalive(serve: ServerFactory) -> None:
+    wire = Http1Wire(keepalive_seconds=0.2)
+    try:
+        server = await serve()
+        await wire.send(get(server.url("/once")), LIMIT)
+        assert wire.open_connections == 1
+        await eventually(lambda: server.peers[0].eof, within=1.5)
+        assert wire.open_connections == 0
+    finally:
+        await wire.aclose()
+
+
+async def test_a_request_that_says_connection_close_is_not_reused(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    server = await serve()  # answers with keep-alive whatever the request says
+    await wire.send(get(server.url("/a"), {"Connection": "close"}), LIMIT)
+    await wire.send(request("POST", server.url("/b"), b"x"), LIMIT)
+    assert server.requests() == [(0, "GET /a"), (1, "POST /b")]
+
+
+async def test_header_values_in_utf_8_are_read_as_such(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    async def utf8_header(peer: Peer) -> None:
+        assert await peer.request() is not None
+        await peer.send(answer(b"", "X-Message: héllo".encode().decode("latin-1"), "X-Old: \xe9"))
+
+    server = await serve(utf8_header)
+    response = await wire.send(get(server.url("/h")), LIMIT)
+    assert response.headers["X-Message"] == "héllo"
+    assert response.headers["X-Old"] == "é"  # not UTF-8: read as Latin-1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Transfer-Encoding ": "chunked"}, {"": "x"}, {"X-Note": "a\x00b"}, {"X Note": "x"}],
+    ids=["space-before-colon", "empty-name", "nul-in-value", "space-in-name"],
+)
+async def test_header_names_must_be_tokens_and_values_free_of_controls(
+    serve: ServerFactory, wire: Http1Wire, headers: dict[str, str]
+) -> None:
+    server = await serve()
+    with pytest.raises(WireConnectionError) as refused:
+        await wire.send(request("POST", server.url("/x"), b"data", headers), LIMIT)
+    assert refused.value.kind == "InvalidHeader"
+    assert server.accepted == 0
