@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import re
 import socket
@@ -303,6 +304,17 @@ class Http1Wire:
         self._waiters.clear()
 
 
+@functools.lru_cache(maxsize=512)  # the same few names, request after request
+def _valid_name(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
+
+
+def _value_is_clean(value: str) -> bool:
+    """No control character but a tab (the slow path: ``isprintable`` says no also to a
+    tab and to characters such as a no-break space, which are allowed)."""
+    return _CONTROL.search(value) is None
+
+
 def _request_head(request: WireRequest) -> bytes:
     """The request line and headers, as bytes on the wire."""
     url = request.url
@@ -313,7 +325,7 @@ def _request_head(request: WireRequest) -> bytes:
         lower = name.lower()
         if lower in _FRAMING:
             continue
-        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+        if not _valid_name(name) or not (value.isprintable() or _value_is_clean(value)):
             raise WireConnectionError(
                 "InvalidHeader",
                 f"header {name!r}: a name is letters, digits and !#$%&'*+-.^_`|~, and a "
@@ -370,7 +382,7 @@ class _Connection(asyncio.Protocol):
         self._request: WireRequest | None = None
         self._limit = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._body = bytearray()
+        self._body: bytes | bytearray = b""  # a first piece as it came; more, in a buffer
         self._size = 0
         self._head_bytes = 0  # bytes read while the head was incomplete
         self._header_bytes = 0  # the size of the headers parsed
@@ -543,7 +555,14 @@ class _Connection(asyncio.Protocol):
         if self._size > self._limit:
             self._fail(BodyTooLarge(self._limit))
             return
-        self._body += body  # one buffer: a list of many small chunks costs far more
+        if not self._body:
+            self._body = body
+        elif isinstance(self._body, bytes):
+            # One buffer for the pieces: a list of many small chunks costs far more.
+            self._body = bytearray(self._body)
+            self._body += body
+        else:
+            self._body += body
 
     def _decompress(self, data: bytes) -> bytes:
         """Decode ``data``; past the limit, one byte more than the room left (the caller
@@ -628,13 +647,16 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done() or request is None:
             return
         headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode("latin-1"), _header_text(value)) for name, value in self._headers
+            [
+                (name.decode("latin-1"), value.decode() if value.isascii() else _header_text(value))
+                for name, value in self._headers
+            ]
         )
         content_type = headers.get("Content-Type", "")
         found = _CHARSET.search(content_type) if "charset" in content_type.lower() else None
-        body = bytes(self._body)
+        body = self._body if isinstance(self._body, bytes) else bytes(self._body)
         # What the answer was read into goes now: an idle connection keeps none of it.
-        self._body, self._headers, self._request = bytearray(), [], None
+        self._body, self._headers, self._request = b"", [], None
         waiter.set_result(
             WireResponse(
                 self._status,
@@ -650,8 +672,6 @@ class _Connection(asyncio.Protocol):
 def _header_text(value: bytes) -> str:
     """A header value as text: UTF-8 when it is (as servers send non-ASCII values today),
     else Latin-1 (what HTTP/1.1 once said), never an error."""
-    if value.isascii():
-        return value.decode("ascii")
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
