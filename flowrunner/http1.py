@@ -14,6 +14,8 @@ What it does:
 - keeps connections alive and reuses them, per scheme, host and port, the most recently
   used first; a connection idle for ``KEEPALIVE_SECONDS`` is closed (one timer sweeps
   them all), and keeps nothing of the last answer meanwhile;
+- connects with happy eyeballs (aiohappyeyeballs, aiohttp's own): an address that does
+  not answer (a broken IPv6 route) is passed over after ``HAPPY_EYEBALLS_DELAY``;
 - opens at most ``MAX_CONNECTIONS`` at once; past that, an idle connection to another
   host is closed to make room, or the request waits for one to come free;
 - sends a request that a reused connection lost before any byte of its answer (the
@@ -48,6 +50,7 @@ import zlib
 from collections import deque
 from typing import Any, cast
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -65,6 +68,7 @@ from flowrunner.wire import (
 MAX_CONNECTIONS = 200
 KEEPALIVE_SECONDS = 5.0
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried alongside
 MAX_INFORMATIONAL = 10  # 1xx answers before the real one (100 Continue, 103 Early Hints)
 # A request sent again when a reused connection turns out closed: safe only for these.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -186,10 +190,15 @@ class Http1Wire:
 
         self._opening += 1  # until connection_made counts it among the open ones
         try:
+            addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            # Happy eyeballs (RFC 8305), as aiohttp and browsers do: a host whose IPv6
+            # address does not answer is reached over IPv4 a quarter second later.
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+            )
             _, connection = await loop.create_connection(
                 protocol,
-                host,
-                port,
+                sock=sock,
                 ssl=(self._ssl or default_ssl_context()) if secure else None,
                 # A name written with its final dot ("example.com.") is checked without it.
                 server_hostname=host.rstrip(".") if secure else None,

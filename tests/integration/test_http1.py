@@ -8,6 +8,7 @@ import base64
 import datetime
 import gzip
 import ipaddress
+import socket
 import ssl
 import time
 import tracemalloc
@@ -1061,3 +1062,41 @@ async def test_header_names_must_be_tokens_and_values_free_of_controls(
         await wire.send(request("POST", server.url("/x"), b"data", headers), LIMIT)
     assert refused.value.kind == "InvalidHeader"
     assert server.accepted == 0
+
+
+async def test_an_address_that_does_not_answer_is_passed_over_after_a_moment(
+    serve: ServerFactory, wire: Http1Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Happy eyeballs: a host's first address takes no connection (a listening socket
+    whose backlog is full: the kernel drops the SYN), its second does. The request goes
+    out on the second a quarter second later, not after the first times out."""
+    server = await serve()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    filler: list[socket.socket] = []
+    try:
+        for _ in range(4):  # fill the backlog, never accepted
+            extra = socket.socket()
+            extra.setblocking(False)
+            with suppress(BlockingIOError):
+                extra.connect(silent.getsockname())
+            filler.append(extra)
+        first = (socket.AF_INET, socket.SOCK_STREAM, 6, "", silent.getsockname())
+        second = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port))
+        loop = asyncio.get_running_loop()
+
+        async def two_addresses(*args: object, **kwargs: object) -> list[tuple[object, ...]]:
+            return [first, second]
+
+        monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+        started = time.monotonic()
+        response = await wire.send(
+            get(f"http://two-addresses.test:{server.port}/x", timeout=5), LIMIT
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in [*filler, silent]:
+            sock.close()
+    assert response.content == b"GET /x"
+    assert 0.2 < elapsed < 2.0
