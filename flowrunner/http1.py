@@ -104,7 +104,7 @@ class Http1Wire:
         self.max_connections = max_connections
         self.keepalive_seconds = keepalive_seconds
         self._idle: dict[Key, list[_Connection]] = {}
-        self._connections: set[_Connection] = set()  # open, or being opened
+        self._connections: set[_Connection] = set()  # open (those being opened: _opening)
         self._opening = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._deadlines = Deadlines()
