@@ -10,13 +10,12 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from flowrunner.auth import ProfileAuth
 from flowrunner.engine import Engine
 from flowrunner.events import EventBus
 from flowrunner.history import record_history
-from flowrunner.http1 import Http1Wire
+from flowrunner.http1 import Http1Transport, Http1Wire
 from flowrunner.loader import Project, load_project
 from flowrunner.notify import Notifier
 from flowrunner.reminders import Reminders
@@ -26,9 +25,7 @@ from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import STATE_DIR
 from flowrunner.store.notifications import NotificationStore
 from flowrunner.store.tokens import TokenStore
-from flowrunner.wire import USER_AGENT, HttpxWire, Wire, default_ssl_context
-
-DEFAULT_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+from flowrunner.wire import USER_AGENT, HttpxWire, Wire
 
 
 class _NoCookies(httpx.Cookies):
@@ -52,12 +49,10 @@ class FlowClient(httpx.AsyncClient):
         return None
 
 
-def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The httpx client for what is not an http step (token endpoints, notifications), over
-    aiohttp's transport, with a connection pool of its own: these calls are few, and
-    httpx's auth flows and MockTransport are worth more to them than speed."""
-    if transport is None:
-        transport = AiohttpTransport(verify=default_ssl_context(), limits=DEFAULT_LIMITS)
+def make_client(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    """The httpx client for what is not an http step (token endpoints, notifications): on
+    the http step's own pool in a runtime (Http1Transport), or on the transport a test
+    gives (httpx.MockTransport)."""
     return FlowClient(
         transport=transport, timeout=httpx.Timeout(30.0), headers={"User-Agent": USER_AGENT}
     )
@@ -131,7 +126,8 @@ def build_runtime(
     # (httpx.MockTransport in tests), through the httpx client built on it.
     wire: Wire
     if transport is None:
-        wire, client = Http1Wire(), make_client()
+        pool = Http1Wire()
+        wire, client = pool, make_client(Http1Transport(pool))
     else:
         client = make_client(transport)
         wire = HttpxWire(client)

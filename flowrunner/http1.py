@@ -1,4 +1,5 @@
-"""The wire of the http step: a small HTTP/1.1 client on asyncio and httptools.
+"""The wire of the http step: a small HTTP/1.1 client on asyncio and httptools; and
+:class:`Http1Transport`, httpx's client on the same pool (token endpoints, notifications).
 
 Every http step of every run sends its requests here, so the cost of a request is most
 of a run's cost. aiohttp's client cost 280 us of CPU a request here, on its own (a GET
@@ -52,10 +53,13 @@ from typing import Any, cast
 
 import aiohappyeyeballs
 import httptools
+import httpx
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from flowrunner.deadlines import Deadlines
 from flowrunner.wire import (
+    DEFAULT_TIMEOUT,
     USER_AGENT,
     BodyTooLarge,
     WireConnectionError,
@@ -685,3 +689,67 @@ def _header_text(value: bytes) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("latin-1")
+
+
+# ---------------------------------------------------------------- httpx's client on it
+
+# A failed exchange as httpx names it: what the code above httpx's client catches.
+_HTTPX_ERRORS: dict[str, type[httpx.RequestError]] = {
+    "ConnectError": httpx.ConnectError,
+    "ReadError": httpx.ReadError,
+    "RemoteProtocolError": httpx.RemoteProtocolError,
+    "DecodingError": httpx.DecodingError,
+    "InvalidHeader": httpx.LocalProtocolError,
+    "UnsupportedProtocol": httpx.UnsupportedProtocol,
+}
+_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
+
+
+class Http1Transport(httpx.AsyncBaseTransport):
+    """httpx's client over an :class:`Http1Wire`: token endpoints and notifications keep
+    httpx's API (its auth flows, MockTransport in tests) and share the http step's pool.
+
+    The answer is read whole, within ``body_limit``, and handed to httpx decoded: its
+    ``Content-Encoding`` (and the length of the encoded body) are taken off, or httpx
+    would decode it a second time."""
+
+    def __init__(self, wire: Http1Wire, body_limit: int = 10 * 1024 * 1024) -> None:
+        self.wire = wire
+        self.body_limit = body_limit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        content = await request.aread()
+        limits = request.extensions.get("timeout") or {}
+        given = [seconds for seconds in limits.values() if seconds is not None]
+        timeout = max(given) if given else DEFAULT_TIMEOUT
+        outgoing = WireRequest(
+            request.method,
+            URL(str(request.url), encoded=True),
+            CIMultiDict(request.headers.multi_items()),
+            content or None,
+            timeout,
+        )
+        try:
+            response = await self.wire.send(outgoing, self.body_limit)
+        except WireTimeout as exc:
+            raise httpx.ReadTimeout(str(exc), request=request) from exc
+        except BodyTooLarge as exc:
+            raise httpx.ReadError(str(exc), request=request) from exc
+        except WireConnectionError as exc:
+            error = _HTTPX_ERRORS.get(exc.kind, httpx.TransportError)
+            raise error(exc.message, request=request) from exc
+        headers = response.headers
+        pairs = list(headers.items())
+        if headers.get("Content-Encoding", "").strip().lower() in _DECODED:
+            dropped = ("content-encoding", "content-length")
+            pairs = [(name, value) for name, value in pairs if name.lower() not in dropped]
+        return httpx.Response(
+            response.status_code,
+            headers=pairs,
+            content=response.content,
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        """The wire belongs to whoever built it (the runtime closes it)."""

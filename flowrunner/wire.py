@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote_plus, urlencode
 
-import aiohttp
 import httpx
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -348,8 +347,6 @@ class HttpxWire:
         except TimeoutError as exc:
             raise WireTimeout(str(exc)) from exc
         except httpx.TransportError as exc:
-            if _misread_timeout(exc):
-                raise WireConnectionError("ConnectError", str(exc)) from exc
             if isinstance(exc, httpx.TimeoutException):
                 raise WireTimeout(str(exc)) from exc
             raise WireConnectionError(type(exc).__name__, str(exc)) from exc
@@ -376,14 +373,3 @@ async def _read_httpx(response: httpx.Response, limit: int) -> bytes:
             raise BodyTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _misread_timeout(exc: httpx.TransportError) -> bool:
-    """httpx-aiohttp maps every aiohttp connection error (a refused connection, a server
-    that hung up) to ConnectTimeout; the aiohttp error underneath says what happened."""
-    cause = exc.__cause__
-    return (
-        isinstance(exc, httpx.TimeoutException)
-        and isinstance(cause, aiohttp.ClientError)
-        and not isinstance(cause, TimeoutError)
-    )

@@ -220,7 +220,7 @@ class ClientClock:
 def open_runtime(root: Path, clock: Callable[[], datetime] | None = None) -> Runtime:
     project = load_project(root)
     assert project.problems == [], [p.format() for p in project.problems]
-    # The production wire (aiohttp): its TLS context is loaded once per process.
+    # The production wire (flowrunner.http1): its TLS context is loaded once per process.
     return build_runtime(root, project=project, clock=clock)
 
 

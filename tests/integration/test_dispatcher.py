@@ -542,8 +542,8 @@ async def test_json_log_lines_of_a_run_carry_its_id_and_flow(
 ) -> None:
     """Log lines emitted while a run executes (its log step, a library's request line) carry
     the run id and the flow; lines outside runs carry neither. The library line is httpx's,
-    for the token endpoint call the run makes (the step's own request goes through aiohttp,
-    which logs none)."""
+    for the token endpoint call the run makes (through httpx's client; the step's own request
+    goes through the wire directly, which logs none)."""
     monkeypatch.setenv("SURFACE_CLIENT_SECRET", "surface-client-secret-7c1f")
     flow = "fetch-as-service"
     root = write_project({**SURFACE_FLOWS, **FETCH_AS_SERVICE}, SERVICE_PROFILE, KEY=upstream.key())

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
-from flowrunner.http1 import MAX_CONNECTIONS, MAX_RESPONSE_HEAD_BYTES, Http1Wire
+from flowrunner.http1 import MAX_CONNECTIONS, MAX_RESPONSE_HEAD_BYTES, Http1Transport, Http1Wire
 from flowrunner.wire import WireConnectionError, WireRequest, WireTimeout, parse_url
 
 LIMIT = 1_000_000
@@ -1100,3 +1101,53 @@ async def test_an_address_that_does_not_answer_is_passed_over_after_a_moment(
             sock.close()
     assert response.content == b"GET /x"
     assert 0.2 < elapsed < 2.0
+
+
+# ---------------------------------------------------------------- httpx's client on the wire
+
+
+async def test_httpx_over_the_wire_shares_its_pool_and_reads_bodies_once(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """What token endpoints go through: httpx's client on Http1Transport. A form POST
+    arrives whole; a gzip answer is decoded once (httpx does not decode it again); the
+    requests of the step and of the client share one connection."""
+
+    async def token_endpoint(peer: Peer) -> None:
+        while (seen := await peer.request()) is not None:
+            if seen.method == "POST":
+                body = b'{"access_token": "at-1", "form": "%s"}' % seen.body
+                await peer.send(answer(gzip.compress(body), "Content-Encoding: gzip"))
+            else:
+                await peer.send(answer(echoed(seen)))
+
+    server = await serve(token_endpoint)
+    async with httpx.AsyncClient(transport=Http1Transport(wire)) as client:
+        token = await client.post(server.url("/token"), data={"grant_type": "client_credentials"})
+        assert token.json() == {"access_token": "at-1", "form": "grant_type=client_credentials"}
+        assert "content-encoding" not in token.headers
+        step = await wire.send(get(server.url("/step")), LIMIT)
+        assert step.content == b"GET /step"
+    assert server.accepted == 1
+    posted = server.seen[0]
+    assert posted.header("Content-Type") == ["application/x-www-form-urlencoded"]
+
+
+async def test_httpx_over_the_wire_raises_httpx_errors(
+    serve: ServerFactory, wire: Http1Wire, closed_port: int
+) -> None:
+    """Failures reach the code above httpx as httpx's own errors, with the wire's reason."""
+
+    async def never_answer(peer: Peer) -> None:
+        await peer.until_eof()
+
+    server = await serve(never_answer)
+    async with httpx.AsyncClient(transport=Http1Transport(wire)) as client:
+        with pytest.raises(httpx.ConnectError, match="Cannot connect to host"):
+            await client.get(f"http://127.0.0.1:{closed_port}/")
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get(server.url("/hang"), timeout=0.2)
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(httpx.LocalProtocolError):
+            await client.get(server.url("/x"), headers={"X-Note": "a\x00b"})

@@ -1,5 +1,6 @@
-"""The wire under the http step (flowrunner.wire): aiohttp driven directly, against a real
-server on 127.0.0.1, and what the step builds on it (headers, queries, redirects)."""
+"""The wire under the http step (flowrunner.wire, flowrunner.http1) driven directly,
+against a real server on 127.0.0.1, and what the step builds on it (headers, queries,
+redirects)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from httpx_aiohttp import AiohttpTransport
 from multidict import CIMultiDict
 from upstream_server import Upstream
 from yarl import URL
 
 from flowrunner import __version__
 from flowrunner.app import Runtime, build_runtime
-from flowrunner.http1 import Http1Wire
+from flowrunner.http1 import Http1Transport, Http1Wire
 from flowrunner.loader import load_project
 from flowrunner.store.runs import RunRecord
 from flowrunner.wire import (
@@ -181,8 +181,8 @@ async def test_the_user_agent_is_flowrunners_unless_the_request_sets_one(
 def test_a_runtime_built_before_the_loop_opens_its_pool_inside_it(
     write_project: ProjectWriter, upstream: Upstream
 ) -> None:
-    """The CLI builds some runtimes before any event loop runs; the aiohttp session is
-    opened by the first request, inside the loop that runs it, and closed in it."""
+    """The CLI builds some runtimes before any event loop runs; the connection pool opens
+    its connections inside the loop that runs the first request, and closes them in it."""
     root = write_project({"f": 'name: f\nsteps:\n  - id: get\n    http: {url: "@BASE@/echo"}\n'})
     runtime = build_runtime(root, project=load_project(root), keep_history=False)
 
@@ -196,16 +196,15 @@ def test_a_runtime_built_before_the_loop_opens_its_pool_inside_it(
     assert record.status == "succeeded", record.error
 
 
-@pytest.mark.parametrize("through", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("through", ["wire", "httpx"])
 async def test_both_wires_fail_a_step_alike(
     write_project: ProjectWriter,
     open_runtime: RuntimeFactory,
     closed_port: int,
     through: str,
 ) -> None:
-    """A refused connection and a slow answer read the same through the production wire and
-    through an httpx client over aiohttp's transport (which reports a refused connection
-    as a ConnectTimeout: the aiohttp error underneath says what happened)."""
+    """A refused connection and a slow answer read the same through the wire itself and
+    through httpx's client on it (Http1Transport: what token endpoints go through)."""
     root = write_project(
         {
             "down": "name: down\nsteps:\n  - id: get\n    retry: {attempts: 1}\n"
@@ -214,14 +213,18 @@ async def test_both_wires_fail_a_step_alike(
             '    http: {url: "@BASE@/slow?delay=2", timeout: 200ms}\n',
         }
     )
-    transport = AiohttpTransport() if through == "httpx" else None
+    pool = Http1Wire()
+    transport = Http1Transport(pool) if through == "httpx" else None
     runtime = open_runtime(root, transport=transport)
-    down = await runtime.engine.run("down")
+    try:
+        down = await runtime.engine.run("down")
+        slow = await runtime.engine.run("slow")
+    finally:
+        await pool.aclose()
     assert down.error is not None and down.error.startswith(
         f"step get: GET http://127.0.0.1:{closed_port}/x: connection failed: ConnectError: "
         f"Cannot connect to host 127.0.0.1:{closed_port}"
     )
-    slow = await runtime.engine.run("slow")
     assert slow.error is not None and slow.error.endswith("/slow?delay=2: timed out after 0.2s")
 
 
