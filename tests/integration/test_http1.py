@@ -16,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -1151,3 +1152,28 @@ async def test_httpx_over_the_wire_raises_httpx_errors(
         assert time.monotonic() - started < 1.0
         with pytest.raises(httpx.LocalProtocolError):
             await client.get(server.url("/x"), headers={"X-Note": "a\x00b"})
+
+
+async def test_a_pool_closed_while_connecting_sends_nothing(
+    serve: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose() while a request's connection is still being opened (its name being
+    resolved): the request fails, nothing reaches the server, and no connection is left."""
+    server = await serve()
+    wire = Http1Wire()
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+
+    async def slow_resolve(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await resolve(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", slow_resolve)
+    pending = asyncio.create_task(wire.send(get(server.url("/late"), timeout=5), LIMIT))
+    await asyncio.sleep(0.1)
+    await wire.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.wait_for(pending, 2.0)
+    await asyncio.sleep(0.1)
+    assert server.seen == []
+    assert wire.open_connections == 0
