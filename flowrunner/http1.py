@@ -70,9 +70,12 @@ from flowrunner.wire import (
 )
 
 MAX_CONNECTIONS = 200
-KEEPALIVE_SECONDS = 5.0
+# Shorter than the 5 s that uvicorn, Apache and httpcore keep an idle connection: closed
+# here first, an idle connection is not reused just as the server closes it.
+KEEPALIVE_SECONDS = 4.0
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried alongside
+MAX_TRAILING_WHITESPACE = 1024  # after a compressed body, tolerated and dropped
 MAX_INFORMATIONAL = 10  # 1xx answers before the real one (100 Continue, 103 Early Hints)
 # A request sent again when a reused connection turns out closed: safe only for these.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -86,7 +89,14 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _GZIP_MAGIC = b"\x1f\x8b"
 
-_NO_ANSWER = "the server closed the connection without answering"
+
+def _no_answer() -> WireConnectionError:
+    """The request was written and the server hung up without a byte of answer: it may
+    have received the request (not a ConnectError, which says nothing was sent)."""
+    return WireConnectionError(
+        "RemoteProtocolError", "the server closed the connection without answering"
+    )
+
 
 Key = tuple[str, str, int]
 
@@ -136,13 +146,13 @@ class Http1Wire:
                 return await connection.exchange(request, head, body_limit)
             except _Stale:
                 if not reused or request.method not in _RETRYABLE_METHODS:
-                    raise WireConnectionError("ConnectError", _NO_ANSWER) from None
+                    raise _no_answer() from None
             # The server closed the idle connection as it was reused: once more, anew.
             connection, _ = await self._acquire(key, fresh=True)
             try:
                 return await connection.exchange(request, head, body_limit)
             except _Stale:
-                raise WireConnectionError("ConnectError", _NO_ANSWER) from None
+                raise _no_answer() from None
         except asyncio.CancelledError:
             if watch.timed_out():
                 raise WireTimeout(f"no complete answer within {request.timeout:g}s") from None
@@ -307,7 +317,8 @@ class Http1Wire:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        self._deadlines.close()
+        # The deadlines stay: a request still connecting keeps its timeout (the sweep
+        # stops by itself once no request is open).
         for connection in list(self._connections):
             connection.close()
         self._idle.clear()
@@ -408,6 +419,8 @@ class _Connection(asyncio.Protocol):
         # bytes): fed again to a raw decoder if the body has no zlib wrapper.
         self._undecided: bytes | None = None
         self._fed = False  # compressed bytes came
+        self._ended = False  # a compressed stream ended, and what followed it was taken
+        self._trailing = 0  # whitespace after the compressed stream, dropped
         self._status = 0
         self._informational = 0  # 1xx answers before this one
         self._close_after = False  # the request said Connection: close
@@ -471,14 +484,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if self._waiter is not None and not self._waiter.done():
-            if self._headers_done and self._until_close:
-                self.on_message_complete()  # the body ran until the server closed
+            if self._headers_done and self._until_close and exc is None and not self.closed:
+                self.on_message_complete()  # the body ran until the server closed it
             elif not self._answered:
                 self._fail(_Stale())
             else:
                 self._fail(
                     WireConnectionError(
-                        "ReadError", "the server closed the connection before the whole answer"
+                        "ReadError", "the connection closed before the whole answer came"
                     )
                 )
         self._closed()
@@ -533,7 +546,8 @@ class _Connection(asyncio.Protocol):
         for name, value in self._headers:
             lower = name.lower()
             if lower == b"content-length":
-                length = int(value) if value.isdigit() else None
+                digits = value.strip()
+                length = int(digits) if digits.isdigit() else None
             elif lower == b"transfer-encoding":
                 # Chunked framing only when chunked is the last coding (as llhttp reads it).
                 chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
@@ -611,14 +625,19 @@ class _Connection(asyncio.Protocol):
 
     def _after_stream_end(self, data: bytes) -> bytes:
         """Bytes after the end of a compressed stream: the next member of a gzip body
-        (what ``gzip`` itself writes when appending), else an error, not bytes piled up."""
-        rest: bytes = self._decoder.unused_data + data
+        (what ``gzip`` itself writes when appending; returned, to decode), a little
+        whitespace (a newline some servers add; dropped), else an error: nothing piles up."""
+        rest: bytes = data if self._ended else self._decoder.unused_data + data
+        self._ended = True
         if not rest:
             return rest
-        if self._encoding == "deflate" or not rest.startswith(_GZIP_MAGIC[: len(rest)]):
+        if self._encoding != "deflate" and rest.startswith(_GZIP_MAGIC[: len(rest)]):
+            self._decoder, self._ended = zlib.decompressobj(wbits=31), False
+            return rest
+        self._trailing += len(rest)
+        if rest.strip() or self._trailing > MAX_TRAILING_WHITESPACE:
             raise zlib.error("bytes after the end of the compressed body")
-        self._decoder = zlib.decompressobj(wbits=31)
-        return rest
+        return b""
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
@@ -711,7 +730,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     The answer is read whole, within ``body_limit``, and handed to httpx decoded: its
     ``Content-Encoding`` (and the length of the encoded body) are taken off, or httpx
-    would decode it a second time."""
+    would decode it a second time. httpx's timeouts: the largest of them bounds the
+    whole exchange (this project gives one value to all four), and its expiry is a
+    ReadTimeout."""
 
     def __init__(self, wire: Http1Wire, body_limit: int = 10 * 1024 * 1024) -> None:
         self.wire = wire
@@ -739,14 +760,19 @@ class Http1Transport(httpx.AsyncBaseTransport):
             error = _HTTPX_ERRORS.get(exc.kind, httpx.TransportError)
             raise error(exc.message, request=request) from exc
         headers = response.headers
-        pairs = list(headers.items())
-        if headers.get("Content-Encoding", "").strip().lower() in _DECODED:
-            dropped = ("content-encoding", "content-length")
-            pairs = [(name, value) for name, value in pairs if name.lower() not in dropped]
+        decoded = headers.get("Content-Encoding", "").strip().lower() in _DECODED
+        dropped = ("content-encoding", "content-length") if decoded else ()
+        # As bytes: httpx would encode text values as ASCII, and fail on any other.
+        pairs = [
+            (name.encode("latin-1"), value.encode("utf-8"))
+            for name, value in headers.items()
+            if name.lower() not in dropped
+        ]
         return httpx.Response(
             response.status_code,
             headers=pairs,
-            content=response.content,
+            # A stream, which httpx's client reads itself (and times: response.elapsed).
+            stream=httpx.ByteStream(response.content),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )

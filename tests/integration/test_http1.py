@@ -359,7 +359,8 @@ async def test_a_post_lost_by_a_reused_connection_is_not_sent_again(
     await wire.send(get(server.url("/1")), LIMIT)
     with pytest.raises(WireConnectionError) as failed:
         await wire.send(request("POST", server.url("/pay"), b"amount=10"), LIMIT)
-    assert failed.value.kind == "ConnectError"
+    # Not a ConnectError, which says nothing was sent: the server may have taken it.
+    assert failed.value.kind == "RemoteProtocolError"
     assert outcome == ["closed unanswered"]
     await asyncio.sleep(0.05)
     assert server.requests() == [(0, "GET /1"), (0, "POST /pay")]
@@ -1177,3 +1178,124 @@ async def test_a_pool_closed_while_connecting_sends_nothing(
     await asyncio.sleep(0.1)
     assert server.seen == []
     assert wire.open_connections == 0
+
+
+async def test_a_token_post_the_server_took_but_never_answered_is_not_a_connect_error(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """The token code resends a request only after httpx.ConnectError (nothing was sent):
+    a POST the server read and then hung up on must read as a protocol error, or a
+    single-use refresh token would be spent twice."""
+
+    async def read_and_hang_up(peer: Peer) -> None:
+        await peer.request()
+
+    server = await serve(read_and_hang_up)
+    async with httpx.AsyncClient(transport=Http1Transport(wire)) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await client.post(server.url("/token"), data={"refresh_token": "rt-1"})
+    assert [seen.body for seen in server.seen] == [b"refresh_token=rt-1"]
+
+
+async def test_httpx_over_the_wire_takes_any_header_and_times_the_answer(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """A header value that is not ASCII reaches httpx as the server sent it, a gzip body
+    followed by a newline (as some servers send) is read, and response.elapsed is set."""
+
+    async def odd_answer(peer: Peer) -> None:
+        while await peer.request() is not None:
+            body = gzip.compress(b'{"ok": true}') + b"\n"
+            disposition = 'Content-Disposition: attachment; filename="café.json"'
+            head = answer(body, "Content-Encoding: gzip", disposition.encode().decode("latin-1"))
+            await peer.send(head)
+
+    server = await serve(odd_answer)
+    async with httpx.AsyncClient(transport=Http1Transport(wire)) as client:
+        response = await client.get(server.url("/file"))
+    assert response.json() == {"ok": True}
+    assert response.headers["content-disposition"] == 'attachment; filename="café.json"'
+    assert response.elapsed.total_seconds() >= 0
+
+
+@pytest.mark.parametrize("cut", ["reset", "pool-closed"])
+async def test_a_body_read_until_close_that_is_cut_short_fails(
+    serve: ServerFactory, wire: Http1Wire, cut: str
+) -> None:
+    """A body framed by the end of the connection is complete only when the server ends
+    it cleanly: a reset, or the pool closing the connection itself, is not an end."""
+
+    async def half_then_cut(peer: Peer) -> None:
+        assert await peer.request() is not None
+        await peer.send(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"items": [1, 2, 3')
+        if cut == "reset":
+            sock = peer.writer.get_extra_info("socket")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            peer.writer.transport.abort()  # RST, not FIN
+        else:
+            await asyncio.sleep(5)
+
+    server = await serve(half_then_cut)
+    pending = asyncio.create_task(wire.send(get(server.url("/items"), timeout=3), LIMIT))
+    if cut == "pool-closed":
+        await eventually(lambda: len(server.seen) == 1)
+        await asyncio.sleep(0.05)
+        await wire.aclose()
+    with pytest.raises(WireConnectionError) as failed:
+        await asyncio.wait_for(pending, 2.0)
+    assert failed.value.kind == "ReadError"
+
+
+async def test_a_content_length_with_spaces_still_frames_the_body(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """`Content-Length: 10 ` (a space after it is allowed): the connection is reused, and
+    a body cut short of it is an error, not an answer."""
+
+    async def spaced_length(peer: Peer) -> None:
+        while (seen := await peer.request()) is not None:
+            if seen.target == "/cut":
+                await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10 \r\n\r\nabcd")
+                return
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2 \r\n\r\nok")
+
+    server = await serve(spaced_length)
+    for _ in range(3):
+        assert (await wire.send(get(server.url("/ok")), LIMIT)).content == b"ok"
+    assert server.accepted == 1
+    with pytest.raises(WireConnectionError) as failed:
+        await wire.send(get(server.url("/cut")), LIMIT)
+    assert failed.value.kind == "ReadError"
+
+
+async def test_a_request_still_connecting_when_the_pool_closes_keeps_its_timeout(
+    wire: Http1Wire,
+) -> None:
+    """aclose() while a connection is being opened to an address that takes none: the
+    request ends at its own timeout, not after the system's connect timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    filler: list[socket.socket] = []
+    try:
+        for _ in range(4):  # fill the backlog, never accepted: further connects hang
+            extra = socket.socket()
+            extra.setblocking(False)
+            with suppress(BlockingIOError):
+                extra.connect(silent.getsockname())
+            filler.append(extra)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        pending = asyncio.create_task(
+            wire.send(get(f"http://127.0.0.1:{port}/", timeout=0.5), LIMIT)
+        )
+        await asyncio.sleep(0.1)
+        await wire.aclose()
+        with pytest.raises((WireTimeout, RuntimeError)):
+            await asyncio.wait_for(pending, 3.0)
+        assert time.monotonic() - started < 1.5
+    finally:
+        for sock in [*filler, silent]:
+            sock.close()

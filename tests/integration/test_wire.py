@@ -153,7 +153,7 @@ async def serve_raw(answer: bytes) -> tuple[asyncio.Server, int]:
 @pytest.mark.parametrize(
     ("answer", "kind"),
     [
-        (b"", "ConnectError"),  # hung up before answering
+        (b"", "RemoteProtocolError"),  # hung up without answering the request it read
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b", "ReadError"),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "RemoteProtocolError"),
     ],
