@@ -13,7 +13,7 @@ import ssl
 import time
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -1067,13 +1067,10 @@ async def test_header_names_must_be_tokens_and_values_free_of_controls(
     assert server.accepted == 0
 
 
-async def test_an_address_that_does_not_answer_is_passed_over_after_a_moment(
-    serve: ServerFactory, wire: Http1Wire, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Happy eyeballs: a host's first address takes no connection (a listening socket
-    whose backlog is full: the kernel drops the SYN), its second does. The request goes
-    out on the second a quarter second later, not after the first times out."""
-    server = await serve()
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that takes no connection: a listening socket whose backlog is
+    full, so the kernel drops further SYNs and a connect hangs."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(0)
@@ -1085,22 +1082,29 @@ async def test_an_address_that_does_not_answer_is_passed_over_after_a_moment(
             with suppress(BlockingIOError):
                 extra.connect(silent.getsockname())
             filler.append(extra)
-        first = (socket.AF_INET, socket.SOCK_STREAM, 6, "", silent.getsockname())
-        second = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port))
-        loop = asyncio.get_running_loop()
-
-        async def two_addresses(*args: object, **kwargs: object) -> list[tuple[object, ...]]:
-            return [first, second]
-
-        monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
-        started = time.monotonic()
-        response = await wire.send(
-            get(f"http://two-addresses.test:{server.port}/x", timeout=5), LIMIT
-        )
-        elapsed = time.monotonic() - started
+        yield silent.getsockname()[1]
     finally:
         for sock in [*filler, silent]:
             sock.close()
+
+
+async def test_an_address_that_does_not_answer_is_passed_over_after_a_moment(
+    serve: ServerFactory, wire: Http1Wire, monkeypatch: pytest.MonkeyPatch, silent_port: int
+) -> None:
+    """Happy eyeballs: a host's first address takes no connection, its second does. The
+    request goes out on the second a quarter second later, not after the first times
+    out."""
+    server = await serve()
+    first = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", silent_port))
+    second = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port))
+
+    async def two_addresses(*args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        return [first, second]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", two_addresses)
+    started = time.monotonic()
+    response = await wire.send(get(f"http://two-addresses.test:{server.port}/x", timeout=5), LIMIT)
+    elapsed = time.monotonic() - started
     assert response.content == b"GET /x"
     assert 0.2 < elapsed < 2.0
 
@@ -1271,31 +1275,16 @@ async def test_a_content_length_with_spaces_still_frames_the_body(
 
 
 async def test_a_request_still_connecting_when_the_pool_closes_keeps_its_timeout(
-    wire: Http1Wire,
+    wire: Http1Wire, silent_port: int
 ) -> None:
     """aclose() while a connection is being opened to an address that takes none: the
     request ends at its own timeout, not after the system's connect timeout."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(0)
-    filler: list[socket.socket] = []
-    try:
-        for _ in range(4):  # fill the backlog, never accepted: further connects hang
-            extra = socket.socket()
-            extra.setblocking(False)
-            with suppress(BlockingIOError):
-                extra.connect(silent.getsockname())
-            filler.append(extra)
-        port = silent.getsockname()[1]
-        started = time.monotonic()
-        pending = asyncio.create_task(
-            wire.send(get(f"http://127.0.0.1:{port}/", timeout=0.5), LIMIT)
-        )
-        await asyncio.sleep(0.1)
-        await wire.aclose()
-        with pytest.raises((WireTimeout, RuntimeError)):
-            await asyncio.wait_for(pending, 3.0)
-        assert time.monotonic() - started < 1.5
-    finally:
-        for sock in [*filler, silent]:
-            sock.close()
+    started = time.monotonic()
+    pending = asyncio.create_task(
+        wire.send(get(f"http://127.0.0.1:{silent_port}/", timeout=0.5), LIMIT)
+    )
+    await asyncio.sleep(0.1)
+    await wire.aclose()
+    with pytest.raises((WireTimeout, RuntimeError)):
+        await asyncio.wait_for(pending, 3.0)
+    assert time.monotonic() - started < 1.5
