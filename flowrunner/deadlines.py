@@ -52,13 +52,6 @@ class Deadlines:
         """``async with deadlines.within(seconds):`` raises TimeoutError past ``seconds``."""
         return _Within(self, seconds)
 
-    def close(self) -> None:
-        """Stop the sweeping timers (the watches still open keep no deadline)."""
-        for sweep in list(self._loops.values()):
-            if sweep.timer is not None:
-                sweep.timer.cancel()
-        self._loops.clear()
-
 
 class _Sweep:
     """One event loop's open watches, and the timer that sweeps them."""

@@ -88,6 +88,7 @@ _CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\s;\"]+)", re.IGNORECASE)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _GZIP_MAGIC = b"\x1f\x8b"
+_DECODED = frozenset({"gzip", "x-gzip", "deflate"})  # the codings this client decodes
 
 
 def _no_answer() -> WireConnectionError:
@@ -141,18 +142,16 @@ class Http1Wire:
         # cancelled per request.
         watch = self._deadlines.start(request.timeout)
         try:
-            connection, reused = await self._acquire(key)
-            try:
-                return await connection.exchange(request, head, body_limit)
-            except _Stale:
-                if not reused or request.method not in _RETRYABLE_METHODS:
-                    raise _no_answer() from None
-            # The server closed the idle connection as it was reused: once more, anew.
-            connection, _ = await self._acquire(key, fresh=True)
-            try:
-                return await connection.exchange(request, head, body_limit)
-            except _Stale:
-                raise _no_answer() from None
+            # A second time, on a new connection, only if the server closed an idle one
+            # as it was reused, and the method is safe to send again.
+            for fresh in (False, True):
+                connection, reused = await self._acquire(key, fresh)
+                try:
+                    return await connection.exchange(request, head, body_limit)
+                except _Stale:
+                    if fresh or not reused or request.method not in _RETRYABLE_METHODS:
+                        raise _no_answer() from None
+            raise AssertionError("unreachable: the second attempt returns or raises")
         except asyncio.CancelledError:
             if watch.timed_out():
                 raise WireTimeout(f"no complete answer within {request.timeout:g}s") from None
@@ -176,7 +175,6 @@ class Http1Wire:
                     if not idle:
                         del self._idle[key]  # no empty list kept per host ever reached
                     if connection.reusable(now, self.keepalive_seconds):
-                        connection.idle = False
                         return connection, True
                     connection.close()
             if self.open_connections < self.max_connections:
@@ -269,7 +267,7 @@ class Http1Wire:
         ):
             connection.close()
             return
-        connection.idle, connection.idle_since = True, time.monotonic()
+        connection.idle_since = time.monotonic()
         self._idle.setdefault(connection.key, []).append(connection)
         if self._sweep is None:
             loop = asyncio.get_running_loop()
@@ -394,7 +392,6 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle = False
         self.idle_since = 0.0
         self.keep_alive = False
         self.counted = False  # among the pool's open connections
@@ -553,7 +550,7 @@ class _Connection(asyncio.Protocol):
                 chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
             elif lower == b"content-encoding":
                 self._encoding = value.strip().lower().decode("latin-1")
-        if self._encoding in ("gzip", "x-gzip", "deflate"):
+        if self._encoding in _DECODED:
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, from the header
             self._undecided = b"" if self._encoding == "deflate" else None
         else:
@@ -721,7 +718,6 @@ _HTTPX_ERRORS: dict[str, type[httpx.RequestError]] = {
     "InvalidHeader": httpx.LocalProtocolError,
     "UnsupportedProtocol": httpx.UnsupportedProtocol,
 }
-_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 class Http1Transport(httpx.AsyncBaseTransport):

@@ -26,7 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
-from flowrunner.http1 import MAX_CONNECTIONS, MAX_RESPONSE_HEAD_BYTES, Http1Transport, Http1Wire
+from flowrunner.http1 import (
+    KEEPALIVE_SECONDS,
+    MAX_CONNECTIONS,
+    MAX_RESPONSE_HEAD_BYTES,
+    Http1Transport,
+    Http1Wire,
+)
 from flowrunner.wire import WireConnectionError, WireRequest, WireTimeout, parse_url
 
 LIMIT = 1_000_000
@@ -225,9 +231,11 @@ async def make_wire() -> AsyncIterator[WireFactory]:
     opened: list[Http1Wire] = []
 
     def make(
-        ssl_context: ssl.SSLContext | None = None, max_connections: int = MAX_CONNECTIONS
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
     ) -> Http1Wire:
-        wire = Http1Wire(ssl_context, max_connections)
+        wire = Http1Wire(ssl_context, max_connections, keepalive_seconds)
         opened.append(wire)
         return wire
 
@@ -1018,16 +1026,15 @@ async def test_a_timed_out_upload_closes_its_socket_at_once(
     assert received < body_size / 2
 
 
-async def test_idle_connections_are_closed_after_the_keepalive(serve: ServerFactory) -> None:
-    wire = Http1Wire(keepalive_seconds=0.2)
-    try:
-        server = await serve()
-        await wire.send(get(server.url("/once")), LIMIT)
-        assert wire.open_connections == 1
-        await eventually(lambda: server.peers[0].eof, within=1.5)
-        assert wire.open_connections == 0
-    finally:
-        await wire.aclose()
+async def test_idle_connections_are_closed_after_the_keepalive(
+    serve: ServerFactory, make_wire: WireFactory
+) -> None:
+    wire = make_wire(keepalive_seconds=0.2)
+    server = await serve()
+    await wire.send(get(server.url("/once")), LIMIT)
+    assert wire.open_connections == 1
+    await eventually(lambda: server.peers[0].eof, within=1.5)
+    assert wire.open_connections == 0
 
 
 async def test_a_request_that_says_connection_close_is_not_reused(
