@@ -19,11 +19,18 @@ from flowrunner.deadlines import Deadlines
 from flowrunner.engine import Engine, new_run_id
 from flowrunner.errors import FlowrunnerError
 from flowrunner.runtime import INTERRUPTED_MESSAGE, RunStatus
+from flowrunner.store.batch import Deferred
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
 from flowrunner.store.runs import RunHistory, RunRecord
 
 log = logging.getLogger("flowrunner.dispatcher")
 POLL_SECONDS = 1.0
+# A run whose caller waits for its end (a webhook with `respond: wait`) starts before its
+# intake row is written. If it ends within this long, that row is never written: the
+# run's history, committed before the caller is answered, is its one write (one commit a
+# webhook instead of two). If it lasts longer, the row is written then, or with any commit
+# that comes sooner, and a crash finds the run as it finds any other.
+STORE_WAITED_RUN_AFTER = 0.05
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Dispatcher:
         self._reserved = 0  # slots taken by runs being stored, about to start
         self._storing: dict[str, int] = {}  # runs being stored, by flow
         self._deadlines = Deadlines()  # of the webhooks waiting for their runs
+        self._intakes: dict[str, Deferred] = {}  # runs started before they were stored
         # Told of runs refused at intake (skipped, failed): they never reach the engine,
         # whose events feed the metrics.
         self.on_refused: Callable[[RunRecord], None] | None = None
@@ -71,8 +79,14 @@ class Dispatcher:
         inputs: dict[str, Any] | None = None,
         user_token: str | None = None,
         dedupe: Dedupe | None = None,
+        caller_waits: bool = False,
     ) -> Submitted:
-        """Store a run durably (the caller may acknowledge once this returns)."""
+        """Store a run durably (the caller may acknowledge once this returns).
+
+        With ``caller_waits`` (the caller answers only once the run has ended, or after
+        ``stored``), a run that can start at once is started before it is stored; see
+        ``STORE_WAITED_RUN_AFTER``. Not with a dedupe key, nor for a flow that skips or
+        fails when busy: those decide on what is stored."""
         flow = self.engine().flow(flow_name)
         run_id = new_run_id()
         limit = flow.concurrency
@@ -97,6 +111,11 @@ class Dispatcher:
             and self.in_flight < self.max_in_flight
             and self._running.get(flow.name, 0) < limit.limit
         )
+        if start_now and caller_waits and dedupe is None and limit.when_busy == "queue":
+            intake = self.queue.enqueue_started(queued, STORE_WAITED_RUN_AFTER)
+            self._intakes[run_id] = intake
+            self._start(flow.name, queued, intake)
+            return Submitted(run_id, "queued")
         if start_now:
             self._reserve(flow.name, 1)
         self._storing[flow.name] = self._storing.get(flow.name, 0) + 1
@@ -122,9 +141,9 @@ class Dispatcher:
         self._reserved += count
         self._running[flow] = self._running.get(flow, 0) + count
 
-    def _start(self, flow: str, queued: QueuedRun) -> None:
+    def _start(self, flow: str, queued: QueuedRun, intake: Deferred | None = None) -> None:
         # The intake row goes with the run's history, in the same commit.
-        self.history.finish_with(queued.id, self.queue.finish_rows(queued.id))
+        self.history.finish_with(queued.id, self.queue.finish_rows(queued.id), intake)
         self._running[flow] = self._running.get(flow, 0) + 1
         self._tasks[queued.id] = asyncio.create_task(self._execute(queued), name=f"run {queued.id}")
 
@@ -153,6 +172,13 @@ class Dispatcher:
         self.history.record(record)
         if self.on_refused is not None:
             self.on_refused(record)
+
+    async def stored(self, run_id: str) -> None:
+        """Return once the run is on disk: its intake row, or its history if it ended
+        first (what must hold before its caller is told it was accepted)."""
+        intake = self._intakes.get(run_id)
+        if intake is not None:
+            await asyncio.shield(intake.written)
 
     async def wait_for(self, run_id: str, seconds: float) -> RunRecord | None:
         """The finished run, or None if it is still going after ``seconds``."""
@@ -309,7 +335,9 @@ class Dispatcher:
             self._done(queued.flow, queued.id)
             raise
         if self.history.forget(queued.id):  # no history was written with it
-            self.queue.finish_later(queued.id)
+            intake = self._intakes.get(queued.id)
+            if intake is None or not intake.take_back():  # else never written
+                self.queue.finish_later(queued.id)
         self._done(queued.flow, queued.id)
         for future in self._waiters.pop(queued.id, []):
             if not future.done():
@@ -320,6 +348,7 @@ class Dispatcher:
     def _done(self, flow: str, run_id: str) -> None:
         self._running[flow] = max(0, self._running.get(flow, 1) - 1)
         self._tasks.pop(run_id, None)
+        self._intakes.pop(run_id, None)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop starting runs; let those in flight finish for ``grace`` seconds, then cancel

@@ -112,7 +112,14 @@ class WebhookEndpoint:
             if key:
                 dedupe = Dedupe(f"webhook:{route.flow}", key, webhook.dedupe.for_)
         try:
-            submitted = await self.dispatcher.submit(route.flow, trigger, None, user_token, dedupe)
+            submitted = await self.dispatcher.submit(
+                route.flow,
+                trigger,
+                None,
+                user_token,
+                dedupe,
+                caller_waits=webhook.respond == "wait",
+            )
         except FlowrunnerError as exc:
             raise Refused(503, exc.message) from None
         return await self.answer(request, submitted, webhook)
@@ -161,6 +168,11 @@ class WebhookEndpoint:
             return JSONResponse({**body, "status": "queued", **extra}, status_code=202)
         record = await self.dispatcher.wait_for(submitted.run_id, webhook.timeout.total_seconds())
         if record is None:
+            try:
+                await self.dispatcher.stored(submitted.run_id)
+            except Exception as exc:
+                log.error("run %s could not be stored: %s", submitted.run_id, exc)
+                raise Refused(503, "the run could not be stored; try again") from None
             return JSONResponse({**body, "status": "running"}, status_code=202)
         return run_answer(record, body)
 

@@ -43,11 +43,53 @@ def _by_order(group: tuple[tuple[int, Executable], list[dict[str, Any]]]) -> int
     return group[0][0]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a deferred write is found and taken back
 class _Write:
     rows: Sequence[Row]
     alone: Callable[[Connection], Any] | None
     future: asyncio.Future[Any] | None
+    due: asyncio.TimerHandle | None = None  # a deferred write's latest hand-off
+
+
+class Deferred:
+    """A write that joins whatever commit comes next, and is handed off by itself only
+    after a delay; until it is handed off it can be taken back (``take_back``). ``written``
+    resolves once it is committed."""
+
+    def __init__(self, batcher: WriteBatcher, write: _Write, written: asyncio.Future[Any]) -> None:
+        self._batcher = batcher
+        self._write = write
+        self.written = written
+        self.written.add_done_callback(_log_failure)
+
+    def take_back(self, instead: asyncio.Future[Any] | None = None) -> bool:
+        """Take the write back if it was not handed off yet: True if so (it will not be
+        written), False if it is committed or on its way. What was taken back is replaced
+        by ``instead`` (another write that makes it needless): ``written`` resolves with
+        it, or at once without it."""
+        if not self._batcher._take_back(self._write):
+            return False
+        if instead is None:
+            self.written.set_result(None)
+        else:
+            instead.add_done_callback(self._follow)
+        return True
+
+    def _follow(self, instead: asyncio.Future[Any]) -> None:
+        if self.written.done():
+            return
+        if instead.cancelled():
+            self.written.cancel()
+        elif (error := instead.exception()) is not None:
+            self.written.set_exception(error)
+        else:
+            self.written.set_result(None)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    # A deferred write may have nobody awaiting it: its failure is logged here.
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("a deferred write to the state store failed: %s", error)
 
 
 # A future, and the result or the error it is to be given.
@@ -63,6 +105,14 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             future.set_result(result)
         else:
             future.set_exception(error)
+
+
+def _no_longer_due(writes: list[_Write]) -> None:
+    """The writes are on their way to the disk: no deferred one waits for its delay."""
+    for write in writes:
+        if write.due is not None:
+            write.due.cancel()
+            write.due = None
 
 
 @dataclass
@@ -138,6 +188,32 @@ class WriteBatcher:
         self._add(_Write(rows, alone, future), loop)
         return future
 
+    def submit_deferred(self, rows: Sequence[Row], within: float) -> Deferred:
+        """Queue ``rows`` to ride along with the next commit that happens anyway; if none
+        has come within ``within`` seconds, they are committed by themselves. Until then
+        the caller may take them back (``Deferred.take_back``)."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[Any] = loop.create_future()
+        write = _Write(rows, None, written)
+        self._pending.append(write)
+        write.due = loop.call_later(within, self._due, write, loop)
+        return Deferred(self, write, written)
+
+    def _due(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
+        write.due = None
+        if write in self._pending:
+            self._schedule_hand_off(loop)
+
+    def _take_back(self, write: _Write) -> bool:
+        if write.due is not None:
+            write.due.cancel()
+            write.due = None
+        try:
+            self._pending.remove(write)
+        except ValueError:
+            return False
+        return True
+
     def submit_later(self, rows: Sequence[Row]) -> None:
         """Queue rows nobody waits for (a failure is logged): they ride along with the
         next commit. Outside an event loop they are written at once."""
@@ -150,6 +226,11 @@ class WriteBatcher:
 
     def _add(self, write: _Write, loop: asyncio.AbstractEventLoop) -> None:
         self._pending.append(write)
+        self._schedule_hand_off(loop)
+
+    def _schedule_hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """See that what is pending is handed off: at the loop's next turn, or when the
+        writer is back."""
         if self._busy is not None and self._busy is not loop:
             # The batch with the writer belongs to a loop that is gone (a runtime used by
             # a second asyncio.run): its answer will never come back here.
@@ -170,6 +251,7 @@ class WriteBatcher:
         writes, self._pending = self._pending, []
         if not writes:
             return
+        _no_longer_due(writes)
         if self._closed:
             # A write after close (a timer firing during shutdown): no thread is started
             # again for it; it is committed here, on a connection of its own.
@@ -218,6 +300,7 @@ class WriteBatcher:
         writes, self._pending = self._pending, []
         if not writes:
             return
+        _no_longer_due(writes)
         if self._writer is not None and self._writer.is_alive():
             batch = _Batch(writes, None, threading.Event())
             self._batches.put(batch)

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from flowrunner.store.batch import DELETE, INSERT, Row
+from flowrunner.store.batch import DELETE, INSERT, Deferred, Row
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.schema import dedupe_keys, run_queue
@@ -91,6 +91,14 @@ class RunQueue:
             rows.insert(0, (INSERT, _INSERT_KEY, _key_row(run.id, dedupe, now)))
         await self.writes.submit(rows, alone=lambda conn: self._enqueue(conn, run, dedupe, claim))
         return run.id
+
+    def enqueue_started(self, run: QueuedRun, within: float) -> Deferred:
+        """Store a run this node has already started (claimed), with the next commit that
+        happens anyway or after ``within`` seconds, whichever comes first. A run that ends
+        before takes its intake back (``Deferred.take_back``): its history is then its only
+        write. No dedupe key: a duplicate must be refused before its run starts."""
+        rows: list[Row] = [(INSERT, _INSERT_QUEUED, self._row(run, True, datetime.now(UTC)))]
+        return self.writes.submit_deferred(rows, within)
 
     def enqueue_now(self, run: QueuedRun, dedupe: Dedupe | None = None) -> str:
         """``enqueue`` in a transaction of its own, for callers outside the event loop."""

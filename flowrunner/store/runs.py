@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
-from flowrunner.store.batch import INSERT, UPDATE, Row
+from flowrunner.store.batch import INSERT, UPDATE, Deferred, Row
 from flowrunner.store.database import Database, delete_in_batches
 from flowrunner.store.schema import run_steps, runs
 
@@ -81,14 +81,18 @@ class RunHistory:
     def __init__(self, database: Database) -> None:
         self.engine = database.engine
         self.writes = database.writes
-        self._companions: dict[str, list[Row]] = {}
+        self._companions: dict[str, tuple[list[Row], Deferred | None]] = {}
 
-    def finish_with(self, run_id: str, rows: Sequence[Row]) -> None:
+    def finish_with(self, run_id: str, rows: Sequence[Row], intake: Deferred | None = None) -> None:
         """Rows to write with this run's end, in the same group commit: the removal of its
         intake row, so that a finished run is not also seen waiting in the queue, and its
         end costs one commit. Not for an interrupted run, which keeps its intake row for
-        the next start."""
-        self._companions[run_id] = list(rows)
+        the next start.
+
+        With ``intake``, the run started before its intake row was written: if that row
+        is still waiting for a commit when the run ends, it is taken back, and the
+        history alone records the run (its ``written`` follows the history's)."""
+        self._companions[run_id] = (list(rows), intake)
 
     def forget(self, run_id: str) -> bool:
         """Drop what ``finish_with`` gave for this run; True if it was never written."""
@@ -115,11 +119,15 @@ class RunHistory:
         was worth writing."""
         written = self.writes.submit(finished_rows(run, started_written))
         companions = self._companions.pop(run.id, None) if run.status != "interrupted" else None
-        if companions:
+        if companions is not None:
+            rows, intake = companions
+            if intake is not None and intake.take_back(instead=written):
+                rows = []  # the intake row was never written
             # Submitted in the same turn: the same transaction. Should that fail, each is
             # done again alone, so a history that cannot be written (a value SQLite
             # refuses) does not keep a finished run in the queue, to run again.
-            self.writes.submit_later(companions)
+            if rows:
+                self.writes.submit_later(rows)
         return written
 
     def list_runs(self, flow: str | None = None, limit: int = 50) -> list[RunRecord]:

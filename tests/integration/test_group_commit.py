@@ -400,3 +400,89 @@ async def test_a_write_after_close_is_committed_without_a_writer_thread(
     await asyncio.sleep(0)
     assert rows(database, "SELECT id FROM run_queue") == []
     assert "state-writer" not in [thread.name for thread in threading.enumerate()]
+
+
+# ---------------------------------------------------------------- runs stored late
+
+
+async def test_a_started_run_s_intake_is_written_by_itself_after_its_delay(
+    database: Database,
+) -> None:
+    """A run started before it was stored (its caller waits for its end): when nothing else
+    commits, its intake row is written on its own once the delay is over, claimed by this
+    node, as a crash would need to find it."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    intake = queue.enqueue_started(queued("slow"), within=0.05)
+    await asyncio.sleep(0.02)
+    assert rows(database, "SELECT id FROM run_queue") == []
+    await asyncio.wait_for(asyncio.shield(intake.written), 5)
+    assert rows(database, "SELECT id, status, node FROM run_queue") == [("slow", "running", "n1")]
+    assert intake.take_back() is False  # written: only its removal can undo it
+    database.close()
+
+
+async def test_a_started_run_s_intake_rides_along_with_another_commit(database: Database) -> None:
+    """The intake joins the first commit that happens anyway, well before its delay."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    commits = count_commits(database)
+    intake = queue.enqueue_started(queued("waited"), within=30)
+    await queue.enqueue(queued("other"))
+    assert len(commits) == 1
+    assert intake.written.done()
+    assert sorted(rows(database, "SELECT id FROM run_queue")) == [("other",), ("waited",)]
+    database.close()
+
+
+async def test_a_run_that_ends_before_its_intake_is_written_is_one_write(
+    database: Database,
+) -> None:
+    """The run ends within the delay: its intake row is taken back, and the history, in one
+    commit, is all that is written; whoever waited for the intake learns the run is stored
+    once that commit is done."""
+    history = RunHistory(database)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    commits = count_commits(database)
+    intake = queue.enqueue_started(queued("quick"), within=30)
+    history.finish_with("quick", queue.finish_rows("quick"), intake)
+    await history.write_finished(finished("quick"), started_written=False)
+    assert len(commits) == 1
+    assert intake.written.done() and intake.written.exception() is None
+    assert rows(database, "SELECT id FROM run_queue") == []
+    assert rows(database, "SELECT id, status FROM runs") == [("quick", "succeeded")]
+    await asyncio.sleep(0.05)
+    assert database.writes.pending == 0  # nothing left to write later
+    database.close()
+
+
+async def test_a_run_that_ends_after_its_intake_was_written_removes_it(
+    database: Database,
+) -> None:
+    history = RunHistory(database)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    intake = queue.enqueue_started(queued("long"), within=0.01)
+    history.finish_with("long", queue.finish_rows("long"), intake)
+    await asyncio.wait_for(asyncio.shield(intake.written), 5)
+    assert rows(database, "SELECT id FROM run_queue") == [("long",)]
+    await history.write_finished(finished("long"), started_written=False)
+    await asyncio.sleep(0.05)  # the removal rides with the next commit
+    assert rows(database, "SELECT id FROM run_queue") == []
+    assert rows(database, "SELECT id FROM runs") == [("long",)]
+    database.close()
+
+
+async def test_an_interrupted_run_s_pending_intake_is_written_at_shutdown(
+    database: Database,
+) -> None:
+    """Shut down while a run started before it was stored: the run ends interrupted, its
+    intake row is not taken back but written by the closing flush, so the next start finds
+    it (and restarts it where the flow says so)."""
+    history = RunHistory(database)
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    intake = queue.enqueue_started(queued("cut"), within=30)
+    history.finish_with("cut", queue.finish_rows("cut"), intake)
+    cut = finished("cut")
+    cut.status = "interrupted"
+    await history.write_finished(cut, started_written=False)
+    database.close()
+    assert rows(database, "SELECT id, status FROM run_queue") == [("cut", "running")]
+    assert rows(database, "SELECT id, status FROM runs") == [("cut", "interrupted")]

@@ -553,6 +553,14 @@ ANSWER_FLOWS = {
           - id: reply
             respond: {status: 200, json: {done: true}}
     """,
+    "hasty": """
+        name: hasty
+        triggers:
+          - webhook: {path: hasty, auth: none, respond: wait, timeout: 10ms}
+        steps:
+          - id: slow
+            http: {url: "@BASE@/slow?delay=0.5&key=@KEY@"}
+    """,
     "mirror": """
         name: mirror
         triggers:
@@ -839,3 +847,57 @@ async def test_an_accepted_webhook_is_committed_before_its_answer(
     served.resume()
     assert (await served.finished(run_id)).status == "succeeded"
     assert served.table("run_queue") == []
+
+
+async def test_a_waited_run_that_ends_at_once_is_one_write(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """respond: wait, a run that ends within moments: its caller is answered once its
+    history is committed, and that commit is the webhook's only write (no intake row
+    written, then removed)."""
+    served = await serve(answers_project[0])
+    writes = served.server.runtime.database.writes
+    await served.client.post("/hooks/summary", json={"n": 1})  # the writer is started
+    await asyncio.sleep(0.1)  # the dispatcher has seen the queue empty: runs start at once
+    commits, written = writes.commits, writes.written
+    response = await served.client.post("/hooks/summary", json={"n": 2})
+    assert response.status_code == 200
+    assert (writes.commits - commits, writes.written - written) == (1, 1)
+    assert served.run(response.json()["run_id"]).outputs == {"doubled": 4}
+    assert served.table("run_queue") == []
+
+
+async def test_a_waited_run_past_its_timeout_is_stored_before_the_202(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """The webhook's timeout (10 ms) comes before the run is written on its own: the 202
+    waits for its intake row, which another connection then sees, claimed; the run goes
+    on and its end removes the row."""
+    served = await serve(answers_project[0])
+    await asyncio.sleep(0.1)  # the dispatcher has seen the queue empty: runs start at once
+    response = await served.client.post("/hooks/hasty", json={})
+    assert response.status_code == 202
+    run_id = response.json()["run_id"]
+    assert [(row[0], row[5]) for row in served.table("run_queue")] == [(run_id, "running")]
+    assert (await served.finished(run_id)).status == "succeeded"
+    await asyncio.sleep(0.05)  # the removal rides with the next commit
+    assert served.table("run_queue") == []
+
+
+async def test_a_waited_run_that_cannot_be_stored_gets_no_202(
+    answers_project: tuple[Path, str], serve: ServeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The intake row of a run past its webhook's timeout cannot be written (the database
+    refuses it): the caller is told 503, not that its run was accepted."""
+    served = await serve(answers_project[0])
+    with sqlite3.connect(served.root / ".flowrunner" / "state.db") as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON run_queue "
+            "BEGIN SELECT RAISE(ABORT, 'the disk says no'); END"
+        )
+    await asyncio.sleep(0.1)  # the dispatcher has seen the queue empty: runs start at once
+    with caplog.at_level(logging.ERROR, logger="flowrunner"):
+        response = await served.client.post("/hooks/hasty", json={})
+    assert response.status_code == 503
+    assert response.json() == {"error": "the run could not be stored; try again"}
+    assert "could not be stored" in caplog.text
