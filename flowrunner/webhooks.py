@@ -56,6 +56,14 @@ def routes_of(project: Project) -> dict[str, Route]:
     }
 
 
+class JSONAnswer(JSONResponse):
+    """A JSON answer, written by orjson: the bytes JSONResponse writes (compact, UTF-8),
+    for less than half its cost; a value JSON has no type for is written as text."""
+
+    def render(self, content: Any) -> bytes:
+        return jsontext.dumps_bytes(content)
+
+
 class WebhookEndpoint:
     def __init__(
         self,
@@ -72,7 +80,7 @@ class WebhookEndpoint:
             return await self.handle(request)
         except Refused as refused:
             log.info("webhook %s refused: %s", request.url.path, refused.reason)
-            return JSONResponse({"error": refused.reason}, status_code=refused.status)
+            return JSONAnswer({"error": refused.reason}, status_code=refused.status)
         except ClientDisconnect:
             # Gone before its whole body came (or a malformed chunk): no run, and nobody
             # to answer.
@@ -88,14 +96,14 @@ class WebhookEndpoint:
         if request.method not in webhook.methods:
             raise Refused(405, f"/hooks/{path} accepts {', '.join(webhook.methods)}")
         raw = await read_limited(request, webhook.max_body)
-        masker = Masker()
-        names = {"secrets": self.secrets.view(masker)}
+        names = {"secrets": self.secrets.view(Masker())}
         user_token = self.authenticate(request, raw, webhook, names)
         trigger = {
             "kind": "webhook",
             "body": parse_body(request.headers.get("content-type", ""), raw),
             "headers": {k.lower(): v for k, v in request.headers.items()},
-            "query": dict(request.query_params),
+            # (Starlette's QueryParams, for nothing, when there is no query string)
+            "query": dict(request.query_params) if request.scope["query_string"] else {},
             "method": request.method,
             "path": path,
             # Who called, when the webhook acts as the calling user and the token says.
@@ -159,13 +167,13 @@ class WebhookEndpoint:
         status_url = status_url_of(request, submitted.run_id)
         body: dict[str, Any] = {"run_id": submitted.run_id, "status_url": status_url}
         if submitted.status in (RunStatus.SKIPPED, RunStatus.FAILED):
-            return JSONResponse(
+            return JSONAnswer(
                 {**body, "status": submitted.status, "reason": submitted.reason},
                 status_code=409 if submitted.status == RunStatus.FAILED else 200,
             )
         if webhook.respond == "immediate":
             extra = {"duplicate": True} if submitted.status == "duplicate" else {}
-            return JSONResponse({**body, "status": "queued", **extra}, status_code=202)
+            return JSONAnswer({**body, "status": "queued", **extra}, status_code=202)
         record = await self.dispatcher.wait_for(submitted.run_id, webhook.timeout.total_seconds())
         if record is None:
             try:
@@ -173,7 +181,7 @@ class WebhookEndpoint:
             except Exception as exc:
                 log.error("run %s could not be stored: %s", submitted.run_id, exc)
                 raise Refused(503, "the run could not be stored; try again") from None
-            return JSONResponse({**body, "status": "running"}, status_code=202)
+            return JSONAnswer({**body, "status": "running"}, status_code=202)
         return run_answer(record, body)
 
 
@@ -207,14 +215,14 @@ def run_answer(record: RunRecord, body: dict[str, Any]) -> Response:
         response = record.response
         headers = {str(k): str(v) for k, v in (response.get("headers") or {}).items()}
         if "json" in response:
-            return JSONResponse(response["json"], status_code=response["status"], headers=headers)
+            return JSONAnswer(response["json"], status_code=response["status"], headers=headers)
         return Response(
             str(response.get("body") or ""), status_code=response["status"], headers=headers
         )
     summary = {**body, "status": record.status}
     if record.status == RunStatus.SUCCEEDED:
-        return JSONResponse({**summary, "outputs": record.outputs}, status_code=200)
-    return JSONResponse({**summary, "error": record.error}, status_code=500)
+        return JSONAnswer({**summary, "outputs": record.outputs}, status_code=200)
+    return JSONAnswer({**summary, "error": record.error}, status_code=500)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

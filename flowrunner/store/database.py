@@ -10,7 +10,7 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, PoolProxiedConnection, create_engine, event, select
 
 from flowrunner import jsontext
 from flowrunner.errors import ConfigurationError
@@ -89,16 +89,28 @@ class Database:
 
         def checkpoint() -> None:
             done_at, commits = clock.monotonic(), -1
+            # A connection of the thread's own, kept: taking one from the pool at each
+            # turn cost a tenth of the checkpoint.
+            connection: PoolProxiedConnection | None = None
             while not stop.wait(every):
                 now = clock.monotonic()
                 if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
                     continue  # nothing new in the log
                 commits, done_at = self.writes.commits, now
                 try:
-                    with self.engine.connect() as conn:
-                        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                    connection = connection or self.engine.raw_connection()
+                    cursor = connection.cursor()
+                    try:
+                        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    finally:
+                        cursor.close()
                 except Exception:
                     log.exception("checkpointing the state database failed")
+                    if connection is not None:
+                        connection.invalidate()  # the next turn opens another
+                        connection = None
+            if connection is not None:
+                connection.close()
 
         threading.Thread(target=checkpoint, name="state-checkpoint", daemon=True).start()
 

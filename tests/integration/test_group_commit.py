@@ -7,19 +7,20 @@ import asyncio
 import sqlite3
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import JSON, DateTime, event
 
 from flowrunner.events import EventBus, RunEvent
 from flowrunner.history import HistoryRecorder
+from flowrunner.store.batch import _Prepared
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
-from flowrunner.store.runs import RunHistory, RunRecord, StepRecord, finished_rows
+from flowrunner.store.runs import _INSERT_RUN, RunHistory, RunRecord, StepRecord, finished_rows
 
 
 @pytest.fixture
@@ -486,3 +487,34 @@ async def test_an_interrupted_run_s_pending_intake_is_written_at_shutdown(
     database.close()
     assert rows(database, "SELECT id, status FROM run_queue") == [("cut", "running")]
     assert rows(database, "SELECT id, status FROM runs") == [("cut", "interrupted")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 11, 23, 8, 36, 0, 123456, tzinfo=UTC),
+        datetime(2026, 11, 23, 8, 36, tzinfo=UTC),  # no microseconds: still six zeros
+        datetime(2026, 3, 29, 2, 30, tzinfo=timezone(timedelta(hours=2))),  # not UTC
+        datetime(2026, 1, 2, 3, 4, 5, 6),  # naive
+        datetime(999, 1, 1),  # a three-digit year
+        date(2026, 1, 2),
+        None,
+    ],
+)
+def test_the_quick_bind_processors_write_what_sqlalchemy_writes(
+    database: Database, value: Any
+) -> None:
+    """The group commit's own processors for dates and JSON give the text SQLAlchemy's
+    would, value for value."""
+    dialect = database.engine.dialect
+    prepared = _Prepared.of(_INSERT_RUN, ("id", "started_at", "outputs"), dialect)
+    quick = dict(zip(prepared.names, prepared.processors, strict=True))
+    stock_date = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+    stock_json = JSON().dialect_impl(dialect).bind_processor(dialect)
+    assert stock_date is not None and stock_json is not None
+    assert quick["started_at"] is not stock_date
+    assert quick["started_at"](value) == stock_date(value)
+    document = {"at": value, "n": [1, None]}
+    assert quick["outputs"](document) == stock_json(document)
+    assert quick["outputs"](value) == stock_json(value)
+    database.close()
