@@ -95,13 +95,19 @@ class WebhookEndpoint:
         webhook = route.webhook
         if request.method not in webhook.methods:
             raise Refused(405, f"/hooks/{path} accepts {', '.join(webhook.methods)}")
-        raw = await read_limited(request, webhook.max_body)
+        # Read once, as the names come from the server (lower case) and Starlette's
+        # Headers would decode them again at each look-up.
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in request.scope["headers"]
+        }
+        raw = await read_limited(request, webhook.max_body, headers)
         names = {"secrets": self.secrets.view(Masker())}
-        user_token = self.authenticate(request, raw, webhook, names)
+        user_token = self.authenticate(headers, raw, webhook, names)
         trigger = {
             "kind": "webhook",
-            "body": parse_body(request.headers.get("content-type", ""), raw),
-            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "body": parse_body(headers.get("content-type", ""), raw),
+            "headers": headers,
             # (Starlette's QueryParams, for nothing, when there is no query string)
             "query": dict(request.query_params) if request.scope["query_string"] else {},
             "method": request.method,
@@ -130,17 +136,17 @@ class WebhookEndpoint:
             )
         except FlowrunnerError as exc:
             raise Refused(503, exc.message) from None
-        return await self.answer(request, submitted, webhook)
+        return await self.answer(request, headers, submitted, webhook)
 
     def authenticate(
-        self, request: Request, raw: bytes, webhook: Webhook, names: dict[str, Any]
+        self, headers: dict[str, str], raw: bytes, webhook: Webhook, names: dict[str, Any]
     ) -> str | None:
         auth = webhook.auth
         if auth == "none":
             return None
-        header = request.headers.get("authorization", "")
+        header = headers.get("authorization", "")
         if auth.hmac is not None:
-            check_hmac(auth.hmac, request, raw, to_text(render(auth.hmac.secret, names)))
+            check_hmac(auth.hmac, headers, raw, to_text(render(auth.hmac.secret, names)))
         elif auth.bearer is not None:
             expected = "Bearer " + to_text(render(auth.bearer.token, names))
             if not hmac.compare_digest(header.encode(), expected.encode()):
@@ -163,8 +169,10 @@ class WebhookEndpoint:
             return header.strip()
         return None
 
-    async def answer(self, request: Request, submitted: Submitted, webhook: Webhook) -> Response:
-        status_url = status_url_of(request, submitted.run_id)
+    async def answer(
+        self, request: Request, headers: dict[str, str], submitted: Submitted, webhook: Webhook
+    ) -> Response:
+        status_url = status_url_of(request, submitted.run_id, headers.get("host"))
         body: dict[str, Any] = {"run_id": submitted.run_id, "status_url": status_url}
         if submitted.status in (RunStatus.SKIPPED, RunStatus.FAILED):
             return JSONAnswer(
@@ -191,14 +199,9 @@ _STATUS_PREFIXES: dict[tuple[Any, ...], str] = {}
 _STATUS_PREFIXES_MAX = 64  # Host is the caller's to choose: the cache stays bounded
 
 
-def status_url_of(request: Request, run_id: str) -> str:
+def status_url_of(request: Request, run_id: str, host: str | None) -> str:
     scope = request.scope
-    key = (
-        scope.get("scheme"),
-        scope.get("root_path"),
-        scope.get("server"),
-        request.headers.get("host"),
-    )
+    key = (scope.get("scheme"), scope.get("root_path"), scope.get("server"), host)
     prefix = _STATUS_PREFIXES.get(key)
     if prefix is None:
         if len(_STATUS_PREFIXES) >= _STATUS_PREFIXES_MAX:
@@ -225,8 +228,8 @@ def run_answer(record: RunRecord, body: dict[str, Any]) -> Response:
     return JSONAnswer({**summary, "error": record.error}, status_code=500)
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_limited(request: Request, limit: int, headers: dict[str, str]) -> bytes:
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"the body is larger than {limit} bytes")
     chunks: list[bytes] = []
@@ -257,8 +260,8 @@ def parse_body(content_type: str, raw: bytes) -> Any:
     return text
 
 
-def check_hmac(spec: HmacAuth, request: Request, raw: bytes, secret: str) -> None:
-    signature = request.headers.get(spec.header, "")
+def check_hmac(spec: HmacAuth, headers: dict[str, str], raw: bytes, secret: str) -> None:
+    signature = headers.get(spec.header.lower(), "")
     if not signature:
         raise Refused(401, f"the {spec.header} signature header is missing")
     if spec.prefix:
@@ -267,7 +270,7 @@ def check_hmac(spec: HmacAuth, request: Request, raw: bytes, secret: str) -> Non
         signature = signature[len(spec.prefix) :]
     signed = raw
     if spec.timestamp_header:
-        stamp = request.headers.get(spec.timestamp_header, "")
+        stamp = headers.get(spec.timestamp_header.lower(), "")
         try:
             sent_at = float(stamp)
         except ValueError:
