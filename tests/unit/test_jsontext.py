@@ -30,6 +30,7 @@ def test_loads_gives_what_json_gives(text: str) -> None:
 def test_loads_reads_what_only_python_reads() -> None:
     assert math.isnan(jsontext.loads('{"x": NaN}')["x"])
     assert jsontext.loads('"\\ud800"') == "\ud800"
+    assert jsontext.loads('"\ud800 as it is"') == "\ud800 as it is"  # not even UTF-8
 
 
 @pytest.mark.parametrize("text", ["{", '{"a": }', "", "nope"])
