@@ -2,6 +2,7 @@
 
     python bench/webhooks.py [--duration 10] [--clients 1 16 64] [--repeat 1]
                              [--profile-seconds 10] [--no-profile] [--no-pin] [--keep]
+    python bench/webhooks.py --callgrind 500
 
 The W1 workload: ``POST /hooks/w1`` with ``{"customer": 7}`` → GET the customer with a
 bearer token (an auth profile of kind ``bearer``) → POST an order built from it → a
@@ -20,6 +21,11 @@ state database that flowrunner recorded one run per request.
 Then flowrunner alone runs under load once more while ``py-spy`` samples it (``pip
 install py-spy``; without it, cProfile around the whole ``serve`` process), and the
 profile is summarised by package and by function. See bench/README.md.
+
+With ``--callgrind N``, nothing is timed: each server runs under valgrind's callgrind
+and the instructions a webhook costs it are counted over N webhooks at one client, a
+figure that does not move with the machine's load (wall and CPU time here move by ±10%
+from run to run).
 """
 
 from __future__ import annotations
@@ -207,6 +213,7 @@ class Process:
         cwd: Path | None = None,
         log: Path | None = None,
         ready_method: str = "GET",
+        ready_within: float = 60,
     ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -215,7 +222,7 @@ class Process:
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and scripts
             command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_within
         while True:
             if self.process.poll() is not None:
                 raise MeasurementFailed(f"{command} exited: {self.tail()}")
@@ -227,7 +234,9 @@ class Process:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise MeasurementFailed(f"{command} did not answer within 60 s: {self.tail()}")
+                raise MeasurementFailed(
+                    f"{command} did not answer within {ready_within:g} s: {self.tail()}"
+                )
             time.sleep(0.1)
 
     def tail(self) -> str:
@@ -264,8 +273,18 @@ def start_upstream(token: str, pin: bool) -> Process:
 
 
 def start_variant(
-    variant: str, root: Path, upstream: Process, token: str, pin: bool, prefix: list[str]
+    variant: str,
+    root: Path,
+    upstream: Process,
+    token: str,
+    pin: bool,
+    prefix: list[str],
+    *,
+    wrapper: Sequence[str] = (),
+    ready_within: float = 60,
 ) -> Process:
+    """Start one server. ``prefix`` replaces ``python -m flowrunner`` (a profiler's entry
+    point); ``wrapper`` goes before the whole command of either server (valgrind)."""
     port = free_port()
     if variant == "flowrunner":
         command = [*prefix, "serve", "--port", str(port), "--log-format", "json"]
@@ -275,7 +294,13 @@ def start_variant(
         command = [sys.executable, str(SCRIPT), "--baseline-app", str(port), upstream.url, token]
     log = root.parent / f"{variant}.log"
     return Process(
-        pinned(command, SERVER_CPU, pin), port, "/hooks/w1", cwd=root, log=log, ready_method="POST"
+        pinned([*wrapper, *command], SERVER_CPU, pin),
+        port,
+        "/hooks/w1",
+        cwd=root,
+        log=log,
+        ready_method="POST",
+        ready_within=ready_within,
     )
 
 
@@ -585,21 +610,104 @@ def _area(located: list[tuple[str, str]]) -> str:
     return f"HTTP server and event loop: {leaf_package}"
 
 
+# ---------------------------------------------------------------- instructions
+
+CALLGRIND_WARMUP = 200
+CALLGRIND_READY_SECONDS = 600  # an interpreter under valgrind starts about 50 times slower
+
+
+def count_instructions(
+    variant: str, root: Path, upstream: Process, token: str, args: argparse.Namespace
+) -> dict[str, float]:
+    """Instructions a webhook costs the server, counted by valgrind's callgrind: the same
+    count whatever else the machine does, where wall and CPU time here move by ±10%. One
+    client sends ``args.callgrind`` webhooks one after the other, after a warm-up; the
+    counters are zeroed between the two. By thread: the event loop's, and flowrunner's
+    writer and checkpoint threads. Cache misses and context switches are not counted."""
+    out = root.parent / f"callgrind.{variant}"
+    wrapper = [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+        "--separate-threads=yes", "--dump-instr=no",
+    ]  # fmt: skip
+    server = start_variant(
+        variant, root, upstream, token, args.pin, [], wrapper=wrapper,
+        ready_within=CALLGRIND_READY_SECONDS,
+    )  # fmt: skip
+    pid = str(server.process.pid)  # taskset execs valgrind: the same process
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+
+        def send(count: int) -> None:
+            for _ in range(count):
+                conn.request(
+                    "POST", "/hooks/w1", body=REQUEST_BODY,
+                    headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise MeasurementFailed(f"{variant} answered {response.status}")
+
+        send(CALLGRIND_WARMUP)
+        subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)  # noqa: S603, S607
+        send(args.callgrind)
+        subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)  # noqa: S603, S607
+        conn.close()
+    finally:
+        server.stop()
+    threads: dict[str, float] = {}
+    for dump in sorted(out.parent.glob(f"{out.name}.1-*")):  # the dump, one file a thread
+        match = re.search(r"^summary: (\d+)", dump.read_text(errors="replace"), re.MULTILINE)
+        if match and int(match.group(1)):
+            threads[f"thread {dump.name.rsplit('-', 1)[-1]}"] = int(match.group(1)) / args.callgrind
+    if not threads:
+        raise MeasurementFailed(f"callgrind wrote no counts for {variant}: {server.tail()}")
+    return threads
+
+
+def run_callgrind(args: argparse.Namespace, root: Path, upstream: Process, token: str) -> None:
+    counted = {
+        variant: count_instructions(variant, root, upstream, token, args) for variant in VARIANTS
+    }
+    totals = {variant: sum(threads.values()) for variant, threads in counted.items()}
+    rows = [
+        (variant, f"{totals[variant]:,.0f}", f"{totals[variant] / totals['baseline']:.2f}x",
+         ", ".join(f"{name} {count:,.0f}" for name, count in threads.items()))
+        for variant, threads in counted.items()
+    ]  # fmt: skip
+    print()
+    print(table(("server", "instructions a webhook", "ratio", "by thread"), rows))
+    print(
+        f"one client, {args.callgrind} webhooks after {CALLGRIND_WARMUP} of warm-up, under "
+        "valgrind's callgrind; thread 01 is the event loop's. Under valgrind the server runs "
+        "about 50 times slower, so flowrunner's timed threads (the checkpoint every 50 ms) "
+        "weigh more than they do at full speed."
+    )
+
+
 # ---------------------------------------------------------------- the parent
 
 
 def run(args: argparse.Namespace) -> int:
     wrk = shutil.which("wrk")
-    if wrk is None:
+    if wrk is None and not args.callgrind:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    if args.callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     token = "bench-" + secrets.token_urlsafe(24)
     os.environ["BENCH_TOKEN"] = token  # flowrunner reads it as secrets.BENCH_TOKEN
     os.environ.setdefault("FLOWRUNNER_SECRET_KEY", "bench-webhooks")
     args.pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+    measured = (
+        f"instructions over {args.callgrind} webhooks at one client"
+        if args.callgrind
+        else f"{args.duration:g} s per level at {args.clients} clients, {args.repeat} repeat(s)"
+    )
     print(
-        f"W1 webhook benchmark: {args.duration:g} s per level at {args.clients} clients, "
-        f"{args.repeat} repeat(s); python {sys.version.split()[0]}, {os.cpu_count()} CPUs; "
+        f"W1 webhook benchmark: {measured}; python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs; "
         + (
             f"servers pinned to CPU {SERVER_CPU}, upstream and wrk to CPU {LOAD_CPU}"
             if args.pin
@@ -614,6 +722,9 @@ def run(args: argparse.Namespace) -> int:
         root = workdir / "project"
         write_project(root, upstream.url)
         script = wrk_script(workdir)
+        if args.callgrind:
+            run_callgrind(args, root, upstream, token)
+            return 0
         results: dict[str, list[dict[int, dict[str, Any]]]] = {v: [] for v in VARIANTS}
         for repeat in range(args.repeat):
             order = VARIANTS if repeat % 2 == 0 else tuple(reversed(VARIANTS))
@@ -713,6 +824,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep", action="store_true", help="keep the project and logs")
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        metavar="N",
+        default=0,
+        help="count instructions a webhook (valgrind) over N webhooks, instead of timing",
+    )
     # Internal: the hand-written app, and serve under cProfile.
     parser.add_argument("--baseline-app", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--serve-profiled", type=Path, help=argparse.SUPPRESS)

@@ -45,3 +45,14 @@ def test_a_declared_charset_other_than_utf8_is_decoded_before_parsing() -> None:
     assert parse_body(latin) == {"name": "Müller"}
     # Bytes that are not UTF-8 under no declared charset read as text with replacements.
     assert parse_body(response(body, "application/json")) == {"name": "M\ufffdller"}
+
+
+def test_header_dict_lowers_names_and_joins_a_repeated_header() -> None:
+    """What a step's result and the history show: one entry a name, in lower case; a
+    header sent twice (Set-Cookie, Vary) with its values joined by ", "."""
+    headers = CIMultiDict([("Content-Type", "text/plain"), ("Vary", "Accept"), ("vary", "Origin")])
+    request = WireRequest("GET", URL("http://127.0.0.1/x"), CIMultiDict())
+    answer = WireResponse(200, CIMultiDictProxy(headers), b"", None, request.url, request)
+    assert answer.header_dict() == {"content-type": "text/plain", "vary": "Accept, Origin"}
+    single = response(b"", "application/json")
+    assert single.header_dict() == {"content-type": "application/json"}
