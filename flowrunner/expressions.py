@@ -489,11 +489,7 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
     if isinstance(value, str):
         return compile_template(value).render(context) if "${{" in value else value
     if isinstance(value, dict):
-        return {
-            # A key is rarely a template: not rendered through a call of its own.
-            (render(k, context) if not isinstance(k, str) or "${{" in k else k): render(v, context)
-            for k, v in value.items()
-        }
+        return {render(k, context): render(v, context) for k, v in value.items()}
     if isinstance(value, list):
         return [render(v, context) for v in value]
     return value

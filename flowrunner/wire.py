@@ -90,13 +90,10 @@ class WireResponse:
         """The headers as a dict with lower-cased names; a header that came several times
         holds its values joined with ", " (what a step's result and the history show)."""
         if self._dict is None:
-            items = self.headers.items()
-            headers = {name.lower(): value for name, value in items}
-            if len(headers) < len(items):  # a name came twice: join its values
-                headers = {}
-                for name, value in items:
-                    key = name.lower()
-                    headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            headers: dict[str, str] = {}
+            for name, value in self.headers.items():
+                key = name.lower()
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
             self._dict = headers
         return self._dict
 
