@@ -78,6 +78,7 @@ class Database:
         self.engine = engine
         self.writes = WriteBatcher(engine)
         self._checkpoints: threading.Event | None = None
+        self._checkpointer: threading.Thread | None = None
 
     def checkpoint_in_background(self, every: float = CHECKPOINT_SECONDS) -> None:
         """SQLite: copy the write-ahead log into the database from a thread, every
@@ -112,7 +113,10 @@ class Database:
             if connection is not None:
                 connection.close()
 
-        threading.Thread(target=checkpoint, name="state-checkpoint", daemon=True).start()
+        self._checkpointer = threading.Thread(
+            target=checkpoint, name="state-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     @classmethod
     def open(cls, url: str) -> Database:
@@ -156,6 +160,9 @@ class Database:
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.set()
+        if self._checkpointer is not None:
+            # It gives its connection back before the pool is disposed of.
+            self._checkpointer.join(timeout=5)
         self.writes.close()
         self.engine.dispose()
 
