@@ -66,6 +66,10 @@ class Dispatcher:
         # whose events feed the metrics.
         self.on_refused: Callable[[RunRecord], None] | None = None
 
+    def is_running(self, run_id: str) -> bool:
+        """Whether the run is in flight on this node (whatever the store holds yet)."""
+        return run_id in self._tasks
+
     @property
     def in_flight(self) -> int:
         return len(self._tasks) + self._reserved

@@ -229,6 +229,8 @@ class Server:
             # Not in the history yet: waiting in the queue, or running (a run's start is
             # written only once it has lasted a moment).
             queued = self.dispatcher.queue.status(run_id)
+            if queued is None and self.dispatcher.is_running(run_id):
+                queued = "running"  # started before it was stored (a waited-for webhook)
             if queued is None:
                 return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
             return JSONResponse({"run_id": run_id, "status": queued})

@@ -901,3 +901,17 @@ async def test_a_waited_run_that_cannot_be_stored_gets_no_202(
     assert response.status_code == 503
     assert response.json() == {"error": "the run could not be stored; try again"}
     assert "could not be stored" in caplog.text
+
+
+async def test_the_status_of_a_run_not_stored_yet_reads_running(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """A waited-for run is in flight before its intake row is written: its status URL
+    already answers `running`, not 404."""
+    served = await serve(answers_project[0])
+    await asyncio.sleep(0.1)  # the dispatcher has seen the queue empty: runs start at once
+    submitted = await served.server.dispatcher.submit("hasty", {"kind": "test"}, caller_waits=True)
+    assert served.table("run_queue") == []  # not written yet
+    status = await served.client.get(f"/runs/{submitted.run_id}")
+    assert (status.status_code, status.json()["status"]) == (200, "running")
+    assert (await served.finished(submitted.run_id)).status == "succeeded"
