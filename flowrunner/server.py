@@ -289,7 +289,7 @@ class Server:
             routes=[
                 Route(
                     "/hooks/{path:path}",
-                    endpoint.endpoint,
+                    endpoint,  # an ASGI app: see WebhookEndpoint.__call__
                     methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                 ),
                 Route("/runs/{run_id}", self.run_status, name="run_status"),

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from flowrunner import jsontext
 from flowrunner.auth.jwt import user_of_credential
@@ -74,6 +75,13 @@ class WebhookEndpoint:
         self.routes = routes
         self.dispatcher = dispatcher
         self.secrets = secrets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of ``/hooks/<path>``: the request goes straight to ``endpoint``,
+        without the wrapper Starlette puts around a function endpoint for exception
+        handlers (none is registered; an error of ours still reaches the server's 500)."""
+        response = await self.endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
 
     async def endpoint(self, request: Request) -> Response:
         try:
