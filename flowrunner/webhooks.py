@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from flowrunner import jsontext
@@ -57,12 +57,57 @@ def routes_of(project: Project) -> dict[str, Route]:
     }
 
 
-class JSONAnswer(JSONResponse):
-    """A JSON answer, written by orjson: the bytes JSONResponse writes (compact, UTF-8),
-    for less than half its cost; a value JSON has no type for is written as text."""
+class ClientGone(Exception):
+    """The caller left before its whole body came."""
 
-    def render(self, content: Any) -> bytes:
-        return jsontext.dumps_bytes(content)
+
+class Answer:
+    """An answer, sent as the ASGI messages Starlette's ``Response`` sends, with the same
+    headers (``content-length`` and ``content-type`` unless given), without building one:
+    on the path every webhook takes, a Response and its headers cost more than the rest
+    of the answer."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        media_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        raw = (
+            [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            if headers
+            else []
+        )
+        keys = {name for name, _ in raw}
+        if b"content-length" not in keys and not (status < 200 or status in (204, 304)):
+            raw.append((b"content-length", str(len(body)).encode()))
+        if media_type is not None and b"content-type" not in keys:
+            raw.append((b"content-type", media_type.encode("latin-1")))
+        self.headers = raw
+
+    async def __call__(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_answer(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
+    """JSON written by orjson: the bytes Starlette's JSONResponse writes (compact, UTF-8);
+    a value JSON has no type for is written as text."""
+    return Answer(status, jsontext.dumps_bytes(content), "application/json", headers)
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's root path, as Starlette's routing reads it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 class WebhookEndpoint:
@@ -77,48 +122,47 @@ class WebhookEndpoint:
         self.secrets = secrets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI app of ``/hooks/<path>``: the request goes straight to ``endpoint``,
-        without the wrapper Starlette puts around a function endpoint for exception
-        handlers (none is registered; an error of ours still reaches the server's 500)."""
-        response = await self.endpoint(Request(scope, receive, send))
-        await response(scope, receive, send)
+        """The ASGI app of ``/hooks/<path>``, called before Starlette's routing and
+        middleware (see ``flowrunner.server``): an error of ours still reaches the
+        server's 500."""
+        answer = await self.endpoint(scope, receive)
+        await answer(send)
 
-    async def endpoint(self, request: Request) -> Response:
+    async def endpoint(self, scope: Scope, receive: Receive) -> Answer:
         try:
-            return await self.handle(request)
+            return await self.handle(scope, receive)
         except Refused as refused:
-            log.info("webhook %s refused: %s", request.url.path, refused.reason)
-            return JSONAnswer({"error": refused.reason}, status_code=refused.status)
-        except ClientDisconnect:
+            log.info("webhook %s refused: %s", scope["path"], refused.reason)
+            return json_answer({"error": refused.reason}, refused.status)
+        except ClientGone:
             # Gone before its whole body came (or a malformed chunk): no run, and nobody
             # to answer.
-            log.info("webhook %s: the caller left before sending its body", request.url.path)
-            return Response(status_code=400)
+            log.info("webhook %s: the caller left before sending its body", scope["path"])
+            return Answer(400, b"")
 
-    async def handle(self, request: Request) -> Response:
-        path = request.path_params["path"].strip("/")
+    async def handle(self, scope: Scope, receive: Receive) -> Answer:
+        path = route_path(scope).removeprefix("/hooks/").strip("/")
         route = self.routes().get(path)
         if route is None:
             raise Refused(404, f"no webhook at /hooks/{path}")
         webhook = route.webhook
-        if request.method not in webhook.methods:
+        method = scope["method"]
+        if method not in webhook.methods:
             raise Refused(405, f"/hooks/{path} accepts {', '.join(webhook.methods)}")
-        # Read once, as the names come from the server (lower case) and Starlette's
-        # Headers would decode them again at each look-up.
+        # Read once, as the names come from the server (lower case).
         headers = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in request.scope["headers"]
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
-        raw = await read_limited(request, webhook.max_body, headers)
+        raw = await read_limited(receive, webhook.max_body, headers)
         names = {"secrets": self.secrets.view(Masker())}
         user_token = self.authenticate(headers, raw, webhook, names)
+        query_string = scope["query_string"]
         trigger = {
             "kind": "webhook",
             "body": parse_body(headers.get("content-type", ""), raw),
             "headers": headers,
-            # (Starlette's QueryParams, for nothing, when there is no query string)
-            "query": dict(request.query_params) if request.scope["query_string"] else {},
-            "method": request.method,
+            "query": dict(QueryParams(query_string)) if query_string else {},
+            "method": method,
             "path": path,
             # Who called, when the webhook acts as the calling user and the token says.
             "user": user_of_credential(user_token),
@@ -144,7 +188,7 @@ class WebhookEndpoint:
             )
         except FlowrunnerError as exc:
             raise Refused(503, exc.message) from None
-        return await self.answer(request, headers, submitted, webhook)
+        return await self.answer(scope, headers, submitted, webhook)
 
     def authenticate(
         self, headers: dict[str, str], raw: bytes, webhook: Webhook, names: dict[str, Any]
@@ -178,18 +222,18 @@ class WebhookEndpoint:
         return None
 
     async def answer(
-        self, request: Request, headers: dict[str, str], submitted: Submitted, webhook: Webhook
-    ) -> Response:
-        status_url = status_url_of(request, submitted.run_id, headers.get("host"))
+        self, scope: Scope, headers: dict[str, str], submitted: Submitted, webhook: Webhook
+    ) -> Answer:
+        status_url = status_url_of(scope, submitted.run_id, headers.get("host"))
         body: dict[str, Any] = {"run_id": submitted.run_id, "status_url": status_url}
         if submitted.status in (RunStatus.SKIPPED, RunStatus.FAILED):
-            return JSONAnswer(
+            return json_answer(
                 {**body, "status": submitted.status, "reason": submitted.reason},
-                status_code=409 if submitted.status == RunStatus.FAILED else 200,
+                409 if submitted.status == RunStatus.FAILED else 200,
             )
         if webhook.respond == "immediate":
             extra = {"duplicate": True} if submitted.status == "duplicate" else {}
-            return JSONAnswer({**body, "status": "queued", **extra}, status_code=202)
+            return json_answer({**body, "status": "queued", **extra}, 202)
         record = await self.dispatcher.wait_for(submitted.run_id, webhook.timeout.total_seconds())
         if record is None:
             try:
@@ -197,57 +241,62 @@ class WebhookEndpoint:
             except Exception as exc:
                 log.error("run %s could not be stored: %s", submitted.run_id, exc)
                 raise Refused(503, "the run could not be stored; try again") from None
-            return JSONAnswer({**body, "status": "running"}, status_code=202)
+            return json_answer({**body, "status": "running"}, 202)
         return run_answer(record, body)
 
 
 # The status URL up to the run id, by how the request reached us (scheme, Host header,
-# root path): Starlette's url_for walks the routes and builds URL objects, ~60 us a time.
+# root path): building it from the scope costs ~60 us a time.
 _STATUS_PREFIXES: dict[tuple[Any, ...], str] = {}
 _STATUS_PREFIXES_MAX = 64  # Host is the caller's to choose: the cache stays bounded
 
 
-def status_url_of(request: Request, run_id: str, host: str | None) -> str:
-    scope = request.scope
+def status_url_of(scope: Scope, run_id: str, host: str | None) -> str:
     key = (scope.get("scheme"), scope.get("root_path"), scope.get("server"), host)
     prefix = _STATUS_PREFIXES.get(key)
     if prefix is None:
         if len(_STATUS_PREFIXES) >= _STATUS_PREFIXES_MAX:
             _STATUS_PREFIXES.clear()
-        marker = "0-run-id"
-        prefix = str(request.url_for("run_status", run_id=marker)).removesuffix(marker)
+        # What Starlette's url_for("run_status") gives: its base URL, then the route.
+        prefix = str(Request(scope).base_url).rstrip("/") + "/runs/"
         _STATUS_PREFIXES[key] = prefix
     return prefix + run_id
 
 
-def run_answer(record: RunRecord, body: dict[str, Any]) -> Response:
+def run_answer(record: RunRecord, body: dict[str, Any]) -> Answer:
     """The `respond` step's answer, else a summary of the run."""
     if record.response:
         response = record.response
         headers = {str(k): str(v) for k, v in (response.get("headers") or {}).items()}
         if "json" in response:
-            return JSONAnswer(response["json"], status_code=response["status"], headers=headers)
-        return Response(
-            str(response.get("body") or ""), status_code=response["status"], headers=headers
-        )
+            return json_answer(response["json"], response["status"], headers)
+        text = str(response.get("body") or "")
+        return Answer(response["status"], text.encode(), None, headers)
     summary = {**body, "status": record.status}
     if record.status == RunStatus.SUCCEEDED:
-        return JSONAnswer({**summary, "outputs": record.outputs}, status_code=200)
-    return JSONAnswer({**summary, "error": record.error}, status_code=500)
+        return json_answer({**summary, "outputs": record.outputs}, 200)
+    return json_answer({**summary, "error": record.error}, 500)
 
 
-async def read_limited(request: Request, limit: int, headers: dict[str, str]) -> bytes:
+async def read_limited(receive: Receive, limit: int, headers: dict[str, str]) -> bytes:
+    """The request's body, refused (413) past ``limit`` bytes: at once when its
+    Content-Length says so, else as soon as that much has come."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"the body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise Refused(413, f"the body is larger than {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_body(content_type: str, raw: bytes) -> Any:

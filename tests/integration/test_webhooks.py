@@ -660,6 +660,27 @@ async def test_the_status_url_is_built_from_how_the_caller_reached_the_server(
         assert answer["status_url"] == f"http://{host}/runs/{answer['run_id']}"
 
 
+async def test_behind_a_root_path_webhooks_and_their_status_urls_carry_it(
+    answers_project: tuple[Path, str], serve: ServeFactory
+) -> None:
+    """Served under a root path (a proxy's prefix, uvicorn's --root-path): /hooks/ is found
+    below it, the status URL keeps the prefix, and reads the run; a path outside the
+    prefix that only looks like a webhook's is not one."""
+    served = await serve(answers_project[0], paused=True)
+    transport = httpx.ASGITransport(app=served.server.asgi(), root_path="/flowrunner")
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        response = await client.post("/flowrunner/hooks/later", json={"n": 1})
+        assert response.status_code == 202, response.text
+        answer = response.json()
+        assert answer["status_url"] == f"{BASE}/flowrunner/runs/{answer['run_id']}"
+        status = await client.get(answer["status_url"].removeprefix(BASE))
+        assert status.json() == {"run_id": answer["run_id"], "status": "queued"}
+        # "/flowrunnerx/hooks/later" is not below the root path "/flowrunner".
+        outside = await client.post("/flowrunnerx/hooks/later", json={"n": 1})
+        assert outside.status_code == 404
+        assert served.server.dispatcher.queue.depth() == 1
+
+
 async def test_wait_past_the_timeout_answers_202_with_the_status_url(
     answers_project: tuple[Path, str], serve: ServeFactory
 ) -> None:
