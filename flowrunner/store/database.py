@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time as clock
 from collections.abc import Callable
@@ -133,6 +134,11 @@ class Database:
             raise ConfigurationError(f"cannot open the state database: {exc}") from exc
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
+            # sqlite3 binds an exact int, float, str or bytes as it is; for anything else,
+            # None included, it first looks for an adapter, raising and catching two
+            # AttributeErrors on the way: a run's row has three Nones, and that was a
+            # twentieth of its insert. An adapter registered for None is one look-up.
+            sqlite3.register_adapter(type(None), _NONE)
         database = cls(engine)
         database.migrate()
         return database
@@ -165,6 +171,9 @@ class Database:
             self._checkpointer.join(timeout=5)
         self.writes.close()
         self.engine.dispose()
+
+
+_NONE: Callable[[Any], Any] = {}.get  # None for None, without a Python frame
 
 
 def _json_dumps(value: Any) -> str:

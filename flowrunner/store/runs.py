@@ -204,7 +204,7 @@ def _run_row(run: RunRecord) -> dict[str, Any]:
     return {
         "id": run.id,
         "flow": run.flow,
-        "status": run.status,
+        "status": str(run.status),  # a plain str: sqlite3 binds a str enum the slow way
         "trigger": run.trigger,
         "inputs": run.inputs,
         "outputs": run.outputs,
@@ -235,7 +235,7 @@ def finished_rows(run: RunRecord, started_written: bool) -> list[Row]:
                 _FINISH_RUN,
                 {
                     "run_key": run.id,
-                    "status": run.status,
+                    "status": str(run.status),  # a plain str: sqlite3 binds a str enum the slow way
                     "finished_at": run.finished_at,
                     "outputs": run.outputs,
                     "response": run.response,

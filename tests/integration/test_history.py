@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,6 +90,25 @@ async def test_a_run_reads_back_as_it_was_recorded(
     assert get.duration_ms > 0
     assert stored.steps[1].message == "fetched after 2 calls"
     assert stored.steps == record.steps  # what the engine returned is what was stored
+
+
+async def test_the_row_holds_sql_nulls_and_plain_text(
+    write_project: ProjectWriter, open_runtime: RuntimeFactory, upstream: Upstream
+) -> None:
+    """What another SQL client reads in the runs table: NULL where a run has no error,
+    user or parent (not the text 'None'), and its status as plain text."""
+    root = write_project(FLOWS, KEY=upstream.key())
+    runtime = open_runtime(root)
+    record = await runtime.engine.run("fetch", inputs={"page": "1"})
+    path = runtime.database.engine.url.database
+    assert path is not None
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        row = connection.execute(
+            "SELECT typeof(error), typeof(user), typeof(parent_id), status, typeof(status) "
+            "FROM runs WHERE id = ?",
+            (record.id,),
+        ).fetchone()
+    assert row == ("null", "null", "null", "succeeded", "text")
 
 
 async def test_failed_runs_keep_their_error_and_step_errors(
