@@ -53,6 +53,8 @@ class _Write:
     alone: Callable[[Connection], Any] | None
     future: asyncio.Future[Any] | None
     due: asyncio.TimerHandle | None = None  # a deferred write's latest hand-off
+    # A deferred write's rows, made only once it is handed off: most are taken back.
+    make_rows: Callable[[], Sequence[Row]] | None = None
 
 
 class Deferred:
@@ -111,12 +113,25 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             future.set_exception(error)
 
 
-def _no_longer_due(writes: list[_Write]) -> None:
-    """The writes are on their way to the disk: no deferred one waits for its delay."""
+def _on_their_way(writes: list[_Write]) -> list[_Write]:
+    """The writes are on their way to the disk (on the event loop's thread): no deferred
+    one waits for its delay any more, and each has its rows. A write whose rows cannot be
+    made fails alone, and is left out."""
+    ready: list[_Write] = []
     for write in writes:
         if write.due is not None:
             write.due.cancel()
             write.due = None
+        if write.make_rows is not None:
+            try:
+                write.rows = write.make_rows()
+            except Exception as exc:
+                if write.future is not None and not write.future.done():
+                    write.future.set_exception(exc)
+                continue
+            write.make_rows = None
+        ready.append(write)
+    return ready
 
 
 @dataclass
@@ -222,13 +237,14 @@ class WriteBatcher:
         self._add(_Write(rows, alone, future), loop)
         return future
 
-    def submit_deferred(self, rows: Sequence[Row], within: float) -> Deferred:
-        """Queue ``rows`` to ride along with the next commit that happens anyway; if none
-        has come within ``within`` seconds, they are committed by themselves. Until then
-        the caller may take them back (``Deferred.take_back``)."""
+    def submit_deferred(self, make_rows: Callable[[], Sequence[Row]], within: float) -> Deferred:
+        """Queue the rows ``make_rows`` gives to ride along with the next commit that
+        happens anyway; if none has come within ``within`` seconds, they are committed by
+        themselves. Until then the caller may take them back (``Deferred.take_back``), and
+        they are not made at all."""
         loop = asyncio.get_running_loop()
         written: asyncio.Future[Any] = loop.create_future()
-        write = _Write(rows, None, written)
+        write = _Write((), None, written, make_rows=make_rows)
         self._pending.append(write)
         write.due = loop.call_later(within, self._due, write, loop)
         return Deferred(self, write, written)
@@ -283,9 +299,9 @@ class WriteBatcher:
         """Give what is pending to the writer thread (on the event loop)."""
         self._scheduled = None
         writes, self._pending = self._pending, []
+        writes = _on_their_way(writes)
         if not writes:
             return
-        _no_longer_due(writes)
         if self._closed:
             # A write after close (a timer firing during shutdown): no thread is started
             # again for it; it is committed here, on a connection of its own.
@@ -332,9 +348,9 @@ class WriteBatcher:
             self._scheduled.cancel()
             self._scheduled = None
         writes, self._pending = self._pending, []
+        writes = _on_their_way(writes)
         if not writes:
             return
-        _no_longer_due(writes)
         if self._writer is not None and self._writer.is_alive():
             batch = _Batch(writes, None, threading.Event())
             self._batches.put(batch)

@@ -97,8 +97,10 @@ class RunQueue:
         happens anyway or after ``within`` seconds, whichever comes first. A run that ends
         before takes its intake back (``Deferred.take_back``): its history is then its only
         write. No dedupe key: a duplicate must be refused before its run starts."""
-        rows: list[Row] = [(INSERT, _INSERT_QUEUED, self._row(run, True, datetime.now(UTC)))]
-        return self.writes.submit_deferred(rows, within)
+        # Claimed as it was created: the run started at once.
+        return self.writes.submit_deferred(
+            lambda: [(INSERT, _INSERT_QUEUED, self._row(run, True, run.created_at))], within
+        )
 
     def enqueue_now(self, run: QueuedRun, dedupe: Dedupe | None = None) -> str:
         """``enqueue`` in a transaction of its own, for callers outside the event loop."""

@@ -489,6 +489,40 @@ async def test_an_interrupted_run_s_pending_intake_is_written_at_shutdown(
     assert rows(database, "SELECT id, status FROM runs") == [("cut", "interrupted")]
 
 
+async def test_a_deferred_write_taken_back_never_makes_its_rows(database: Database) -> None:
+    """Most runs end before their intake is due: what their rows would have cost (sealing
+    the trigger's headers, encrypting the user's token) is not paid."""
+    made: list[str] = []
+
+    def make(run_id: str) -> list[Any]:
+        made.append(run_id)
+        return finished_rows(finished(run_id), started_written=False)
+
+    deferred = database.writes.submit_deferred(lambda: make("taken"), within=30)
+    assert deferred.take_back() is True
+    kept = database.writes.submit_deferred(lambda: make("kept"), within=0.01)
+    await asyncio.wait_for(asyncio.shield(kept.written), 5)
+    assert made == ["kept"]
+    assert rows(database, "SELECT id FROM runs") == [("kept",)]
+    database.close()
+
+
+async def test_a_deferred_write_whose_rows_cannot_be_made_fails_alone(database: Database) -> None:
+    """The rows are made as the commit they join is handed off: one that fails there fails
+    its own write, and the commit goes on with the others."""
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+
+    def broken() -> list[Any]:
+        raise ValueError("no rows")
+
+    deferred = database.writes.submit_deferred(broken, within=30)
+    await queue.enqueue(queued("other"))
+    with pytest.raises(ValueError, match="no rows"):
+        await asyncio.wait_for(asyncio.shield(deferred.written), 5)
+    assert rows(database, "SELECT id FROM run_queue") == [("other",)]
+    database.close()
+
+
 @pytest.mark.parametrize(
     "value",
     [
