@@ -528,6 +528,7 @@ async def test_a_deferred_write_whose_rows_cannot_be_made_fails_alone(database: 
     [
         datetime(2026, 11, 23, 8, 36, 0, 123456, tzinfo=UTC),
         datetime(2026, 11, 23, 8, 36, tzinfo=UTC),  # no microseconds: still six zeros
+        datetime(2026, 11, 23, 8, 36, 0, 5, tzinfo=UTC),  # the same second: its text kept
         datetime(2026, 3, 29, 2, 30, tzinfo=timezone(timedelta(hours=2))),  # not UTC
         datetime(2026, 1, 2, 3, 4, 5, 6),  # naive
         datetime(999, 1, 1),  # a three-digit year
