@@ -171,7 +171,8 @@ class Engine:
             dry_run=dry_run,
             on_step=on_step,
         )
-        await self.bus.publish(RunEvent("run_started", record))
+        if (pending := self.bus.notify(RunEvent("run_started", record))) is not None:
+            await pending
         try:
             if not flow.timeout:  # none, or 0s: no limit
                 record.outputs = await self._execute(flow, trigger, inputs, context, "")
@@ -205,7 +206,8 @@ class Engine:
         record.response = context.response
         if record.outputs is not None:
             record.outputs = masker.mask_value(record.outputs)
-        await self.bus.publish(RunEvent("run_finished", record))
+        if (pending := self.bus.notify(RunEvent("run_finished", record))) is not None:
+            await pending
         return record
 
     async def _execute(

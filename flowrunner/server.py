@@ -146,7 +146,7 @@ class Server:
         except Exception:
             log.exception("delivering notifications failed")
 
-    async def on_run_event(self, event: RunEvent) -> None:
+    def on_run_event(self, event: RunEvent) -> None:
         if event.kind != "run_finished" or event.run.status != "failed":
             return
         quiet = self.project.settings.reminders.failure_quiet_period
