@@ -265,7 +265,7 @@ class Engine:
             duration_ms=0,
         )
         # Made here so that a request interrupted by a timeout still reaches the history.
-        call: HttpCall | None = HttpCall(step, scope, run) if isinstance(step, HttpStep) else None
+        call: HttpCall | None = HttpCall(step, scope, run) if type(step) is HttpStep else None
         try:
             if step.if_ is not None and not scope.condition(step.if_):
                 record.status = StepStatus.SKIPPED
@@ -316,27 +316,29 @@ class Engine:
     async def _dispatch(
         self, step: Step, scope: Scope, run: RunContext, path: str, call: HttpCall | None
     ) -> tuple[StepResult, str | None]:
-        if isinstance(step, HttpStep):
+        # By exact type: isinstance of a pydantic model that is not the class asked
+        # about looks up its __class__ through the model's slow attribute hook.
+        if type(step) is HttpStep:
             result, _ = await run_http_step(step, scope, run, call)
             return result, None
-        if isinstance(step, SetStep):
+        if type(step) is SetStep:
             return await basic.run_set(step, scope, run), None
-        if isinstance(step, ForEachStep):
+        if type(step) is ForEachStep:
             return await control.run_for_each(step, scope, run, path), None
-        if isinstance(step, GroupStep):
+        if type(step) is GroupStep:
             return await control.run_group(step, scope, run, path), None
-        if isinstance(step, SwitchStep):
+        if type(step) is SwitchStep:
             return await control.run_switch(step, scope, run, path), None
-        if isinstance(step, CallStep):
+        if type(step) is CallStep:
             return await control.run_call(step, scope, run, path), None
-        if isinstance(step, WaitStep):
+        if type(step) is WaitStep:
             return await basic.run_wait(step, scope, run), None
-        if isinstance(step, LogStep):
+        if type(step) is LogStep:
             result, message = await basic.run_log(step, scope, run)
             return result, message
-        if isinstance(step, FailStep):
+        if type(step) is FailStep:
             return await basic.run_fail(step, scope, run), None
-        if isinstance(step, RespondStep):
+        if type(step) is RespondStep:
             return await basic.run_respond(step, scope, run), None
         raise StepFailed(f"unknown step kind {step.kind}")
 

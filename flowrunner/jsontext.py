@@ -55,13 +55,24 @@ def dumps_bytes(value: Any, default: Callable[[Any], Any] = str) -> bytes:
     """UTF-8 JSON of ``value`` (non-ASCII characters as they are, keys made text);
     ``default`` converts what JSON has no type for."""
     try:
-        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
+        return dumps_with_orjson(value, default)
     except TypeError:  # an integer beyond 64 bits, a lone surrogate
         text = json.dumps(value, default=default, ensure_ascii=False, separators=_COMPACT)
         try:
             return text.encode()
         except UnicodeEncodeError:  # a lone surrogate: UTF-8 cannot carry it, \uXXXX can
             return json.dumps(value, default=default, separators=_COMPACT).encode()
+
+
+def dumps_with_orjson(value: Any, default: Callable[[Any], Any] = str) -> bytes:
+    """orjson's UTF-8 JSON, keys that are not text made text; TypeError for what orjson
+    cannot write (an integer beyond 64 bits, a lone surrogate)."""
+    try:
+        return orjson.dumps(value, default=default)
+    except TypeError:
+        # A key that is not text (a number, a date): the option that writes such keys
+        # makes every mapping slower (a third of a run's history columns), so only now.
+        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
 
 
 def dumps(value: Any, default: Callable[[Any], Any] = str) -> str:

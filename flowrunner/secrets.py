@@ -19,8 +19,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
-import orjson
-
 from flowrunner import jsontext
 from flowrunner.errors import ExpressionError
 
@@ -174,7 +172,7 @@ def _json_text(value: object) -> str | None:
     ensure_ascii=False)``), or None when orjson cannot write it (a tuple as a key, a lone
     surrogate, an integer beyond 64 bits)."""
     try:
-        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        return jsontext.dumps_with_orjson(value).decode()
     except (TypeError, ValueError):
         return None
 

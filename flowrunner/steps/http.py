@@ -67,11 +67,55 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+class _Plan:
+    """An http step's settings, read from its model once. A pydantic model answers each
+    attribute through its ``__getattr__`` hook, several times slower than a plain object,
+    and a request reads some forty of them."""
+
+    __slots__ = (
+        "step", "method", "url", "auth", "query", "headers", "has_json", "json", "form",
+        "body", "timeout", "step_timeout", "follow_redirects", "retry", "retry_on", "attempts",
+        "expect", "paginate", "outputs",
+    )  # fmt: skip
+
+    def __init__(self, step: HttpStep) -> None:
+        self.step = step
+        spec = step.http
+        self.method, self.url, self.auth = spec.method, spec.url, spec.auth
+        self.query, self.headers, self.has_json = spec.query, spec.headers, spec.has_json
+        self.json, self.form, self.body = spec.json_, spec.form, spec.body
+        timeout = spec.timeout or step.timeout
+        self.timeout = timeout.total_seconds() if timeout else DEFAULT_TIMEOUT
+        self.step_timeout = step.timeout.total_seconds() if step.timeout else float("inf")
+        self.follow_redirects = spec.follow_redirects
+        self.retry = retry = step.retry or (
+            DEFAULT_RETRY if spec.method in IDEMPOTENT_METHODS else NO_RETRY
+        )
+        self.retry_on, self.attempts = _retry_statuses(tuple(retry.on)), retry.attempts
+        self.expect, self.paginate, self.outputs = spec.expect, spec.paginate, step.outputs
+
+
+# By the step's identity; the plan holds the step, so the identity is not reused while
+# it is kept. Bounded: a reload makes new steps.
+_PLANS: dict[int, _Plan] = {}
+_PLANS_KEPT = 4096
+
+
+def _plan_of(step: HttpStep) -> _Plan:
+    plan = _PLANS.get(id(step))
+    if plan is None or plan.step is not step:
+        if len(_PLANS) >= _PLANS_KEPT:
+            _PLANS.clear()
+        plan = _PLANS[id(step)] = _Plan(step)
+    return plan
+
+
 class HttpCall:
     """Everything about one http step's execution; recorded as the step's history."""
 
     def __init__(self, step: HttpStep, scope: Scope, run: RunContext) -> None:
         self.step = step
+        self.plan = _plan_of(step)
         self.scope = scope
         self.run = run
         self.attempts = 0
@@ -95,7 +139,7 @@ class HttpCall:
     def build(
         self, url_override: str | None = None, extra_query: dict[str, Any] | None = None
     ) -> tuple[WireRequest, str | None]:
-        spec = self.step.http
+        spec = self.plan
         render = self.scope.render
         text = url_override or to_text(render(spec.url))
         profile = self.run.auth.profile(spec.auth) if spec.auth else None
@@ -134,7 +178,7 @@ class HttpCall:
                 headers.add(name, value)
         content: bytes | None = None
         if spec.has_json:
-            content = jsontext.dumps_bytes(render(spec.json_))  # compact, UTF-8, as httpx
+            content = jsontext.dumps_bytes(render(spec.json))  # compact, UTF-8, as httpx
             if "Content-Type" not in headers:
                 headers["Content-Type"] = "application/json"
         elif spec.form is not None:
@@ -146,9 +190,7 @@ class HttpCall:
             content = to_text(render(spec.body)).encode()
         if "User-Agent" not in headers:
             headers["User-Agent"] = USER_AGENT
-        timeout = spec.timeout or self.step.timeout
-        seconds = timeout.total_seconds() if timeout else DEFAULT_TIMEOUT
-        request = WireRequest(spec.method, url, headers, content, seconds)
+        request = WireRequest(spec.method, url, headers, content, spec.timeout)
         if profile is not None:
             allowed = profile.default_hosts()
             if not host_allowed(host, allowed):
@@ -171,7 +213,7 @@ class HttpCall:
             else:
                 headers[key] = f"{headers[key]}, {mask(value)}" if key in headers else mask(value)
         return {
-            "auth": self.step.http.auth,
+            "auth": self.plan.auth,
             "method": request.method,
             "url": mask(str(request.url)),
             "headers": headers,
@@ -185,14 +227,10 @@ class HttpCall:
     # ------------------------------------------------------------ sending
 
     async def send(self, request: WireRequest, auth_name: str | None) -> tuple[WireResponse, Any]:
-        spec = self.step.http
-        retry = self.step.retry or (
-            DEFAULT_RETRY if spec.method in IDEMPOTENT_METHODS else NO_RETRY
-        )
+        spec = self.plan
+        retry = spec.retry
         per_request = request.timeout
-        deadline = time.monotonic() + (
-            self.step.timeout.total_seconds() if self.step.timeout else float("inf")
-        )
+        deadline = time.monotonic() + spec.step_timeout
         self.sent(request)
         if self.run.dry_run:
             raise _DryRun()
@@ -228,10 +266,12 @@ class HttpCall:
                 # The auth flow may have set headers: describe what was really sent.
                 self.sent(response.request)
                 body = parse_body(response)
-                if not _should_retry(retry, response.status_code) or attempt >= retry.attempts:
+                if not _should_retry(spec.retry_on, response.status_code) or (
+                    attempt >= spec.attempts
+                ):
                     return response, body
                 failure, condition = f"HTTP {response.status_code}", str(response.status_code)
-            if response is None and (condition not in retry.on or attempt >= retry.attempts):
+            if response is None and (condition not in retry.on or attempt >= spec.attempts):
                 raise StepFailed(f"{spec.method} {self._url()}: {failure}") from cause
             delay = _backoff(retry, attempt, response)
             if time.monotonic() + delay > deadline:
@@ -253,7 +293,7 @@ class HttpCall:
         """Send, following redirects; a redirect to a host outside the auth profile's
         allowed_hosts goes there without the credential: every header and query parameter
         the auth flow added is removed (not only an Authorization header)."""
-        wire, limit, spec = self.run.wire, self.run.body_limit, self.step.http
+        wire, limit, spec = self.run.wire, self.run.body_limit, self.plan
         response = await send_with_auth(wire, request, auth, limit)
         if not spec.follow_redirects:
             return response
@@ -327,8 +367,8 @@ def _query_value(value: Any) -> Any:
     return to_text(value)
 
 
-def _should_retry(retry: Retry, status: int) -> bool:
-    statuses, classes = _retry_statuses(tuple(retry.on))
+def _should_retry(retry_on: tuple[frozenset[int], frozenset[int]], status: int) -> bool:
+    statuses, classes = retry_on
     return status in statuses or status // 100 in classes
 
 
@@ -384,7 +424,7 @@ async def run_http_step(
 
 
 async def _exchange(call: HttpCall) -> StepResult:
-    step, run, spec = call.step, call.run, call.step.http
+    run, spec = call.run, call.plan
     request, auth_name = call.build()
     paginate = spec.paginate
     try:
@@ -395,7 +435,7 @@ async def _exchange(call: HttpCall) -> StepResult:
     check_expect(call, response, body)
     if paginate is not None:
         pages = await follow_pages(call, request, auth_name, body)
-    outputs = extract_outputs(step, pages)
+    outputs = extract_outputs(spec.outputs, pages)
     if paginate is not None and paginate.items:
         items: list[Any] = []
         path = compile_jsonpath(paginate.items)
@@ -424,7 +464,7 @@ def describe_response(run: RunContext, response: WireResponse, body: Any) -> dic
 
 
 def check_expect(call: HttpCall, response: WireResponse, body: Any) -> None:
-    expect = call.step.http.expect
+    expect = call.plan.expect
     if status_matches(response.status_code, expect):
         return
     call.response_record = describe_response(call.run, response, body)
@@ -432,7 +472,7 @@ def check_expect(call: HttpCall, response: WireResponse, body: Any) -> None:
     detail = call.run.excerpt(body)
     detail_text = detail if isinstance(detail, str) else json.dumps(detail, default=str)
     raise StepFailed(
-        f"{call.step.http.method} {call.request_record['url'] if call.request_record else ''} "
+        f"{call.plan.method} {call.request_record['url'] if call.request_record else ''} "
         f"answered {response.status_code}, expected {wanted}: {detail_text[:300]}",
         result=step_result(response.status_code, response.header_dict(), body),
     )
@@ -441,7 +481,7 @@ def check_expect(call: HttpCall, response: WireResponse, body: Any) -> None:
 async def follow_pages(
     call: HttpCall, first: WireRequest, auth_name: str | None, body: Any
 ) -> list[Any]:
-    paginate = call.step.http.paginate
+    paginate = call.plan.paginate
     if paginate is None:
         return [body]
     pages = [body]
@@ -477,9 +517,9 @@ async def follow_pages(
     return pages
 
 
-def extract_outputs(step: HttpStep, pages: list[Any]) -> dict[str, Any]:
+def extract_outputs(sources: dict[str, str], pages: list[Any]) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
-    for name, source in step.outputs.items():
+    for name, source in sources.items():
         path = compile_jsonpath(source)
         if path.is_multiple:
             values: list[Any] = []

@@ -49,6 +49,22 @@ def test_dumps_keeps_big_integers_non_ascii_and_converts_the_rest() -> None:
     assert json.loads(jsontext.dumps({"when": object()}, default=lambda _: "x")) == {"when": "x"}
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": {"b": [1, 2.5, None, True]}, "c": "text"},
+        {1: "one", "nested": {2: ["two"], "x": {3.5: "y"}}},  # keys that are not text
+        [{"z": 1}, {None: "none", True: "yes"}],
+        {"when": object(), 4: object()},
+    ],
+)
+def test_dumps_writes_any_key_as_json_does(value: object) -> None:
+    """Keys that are not text are written as text wherever they sit, as json.dumps
+    writes them: the same text whether or not a mapping holds such a key."""
+    written = jsontext.dumps(value, default=lambda _: "x")
+    assert written == json.dumps(value, default=lambda _: "x", separators=(",", ":"))
+
+
 def test_dumps_writes_a_lone_surrogate_as_its_escape() -> None:
     """Text that went through a JSON reader may hold half a surrogate pair: it is kept as
     \\ud83d, so that a run holding it can still be recorded."""
