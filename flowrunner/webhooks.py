@@ -12,7 +12,6 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -43,10 +42,17 @@ class Refused(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
 class Route:
-    flow: str
-    webhook: Webhook
+    """A webhook and its flow, with what each call reads of the webhook read once: a
+    pydantic model's attributes are slow to read."""
+
+    __slots__ = ("auth", "dedupe", "flow", "max_body", "methods", "respond", "timeout", "webhook")
+
+    def __init__(self, flow: str, webhook: Webhook) -> None:
+        self.flow, self.webhook = flow, webhook
+        self.methods, self.max_body, self.auth = webhook.methods, webhook.max_body, webhook.auth
+        self.dedupe, self.respond = webhook.dedupe, webhook.respond
+        self.timeout = webhook.timeout.total_seconds()
 
 
 def routes_of(project: Project) -> dict[str, Route]:
@@ -145,17 +151,16 @@ class WebhookEndpoint:
         route = self.routes().get(path)
         if route is None:
             raise Refused(404, f"no webhook at /hooks/{path}")
-        webhook = route.webhook
         method = scope["method"]
-        if method not in webhook.methods:
-            raise Refused(405, f"/hooks/{path} accepts {', '.join(webhook.methods)}")
+        if method not in route.methods:
+            raise Refused(405, f"/hooks/{path} accepts {', '.join(route.methods)}")
         # Read once, as the names come from the server (lower case).
         headers = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
-        raw = await read_limited(receive, webhook.max_body, headers)
+        raw = await read_limited(receive, route.max_body, headers)
         names = {"secrets": self.secrets.view(Masker())}
-        user_token = self.authenticate(headers, raw, webhook, names)
+        user_token = self.authenticate(headers, raw, route, names)
         query_string = scope["query_string"]
         trigger = {
             "kind": "webhook",
@@ -168,15 +173,15 @@ class WebhookEndpoint:
             "user": user_of_credential(user_token),
         }
         dedupe = None
-        if webhook.dedupe is not None:
+        if route.dedupe is not None:
             try:
-                key = to_text(render(webhook.dedupe.key, {**names, "trigger": trigger}))
+                key = to_text(render(route.dedupe.key, {**names, "trigger": trigger}))
             except ExpressionError as exc:
                 # A sender that omits its delivery id still gets its run, just no dedupe.
                 log.info("no dedupe key for /hooks/%s: %s", path, exc.message)
                 key = ""
             if key:
-                dedupe = Dedupe(f"webhook:{route.flow}", key, webhook.dedupe.for_)
+                dedupe = Dedupe(f"webhook:{route.flow}", key, route.dedupe.for_)
         try:
             submitted = await self.dispatcher.submit(
                 route.flow,
@@ -184,16 +189,16 @@ class WebhookEndpoint:
                 None,
                 user_token,
                 dedupe,
-                caller_waits=webhook.respond == "wait",
+                caller_waits=route.respond == "wait",
             )
         except FlowrunnerError as exc:
             raise Refused(503, exc.message) from None
-        return await self.answer(scope, headers, submitted, webhook)
+        return await self.answer(scope, headers, submitted, route)
 
     def authenticate(
-        self, headers: dict[str, str], raw: bytes, webhook: Webhook, names: dict[str, Any]
+        self, headers: dict[str, str], raw: bytes, route: Route, names: dict[str, Any]
     ) -> str | None:
-        auth = webhook.auth
+        auth = route.auth
         if auth == "none":
             return None
         header = headers.get("authorization", "")
@@ -222,7 +227,7 @@ class WebhookEndpoint:
         return None
 
     async def answer(
-        self, scope: Scope, headers: dict[str, str], submitted: Submitted, webhook: Webhook
+        self, scope: Scope, headers: dict[str, str], submitted: Submitted, route: Route
     ) -> Answer:
         status_url = status_url_of(scope, submitted.run_id, headers.get("host"))
         body: dict[str, Any] = {"run_id": submitted.run_id, "status_url": status_url}
@@ -231,10 +236,10 @@ class WebhookEndpoint:
                 {**body, "status": submitted.status, "reason": submitted.reason},
                 409 if submitted.status == RunStatus.FAILED else 200,
             )
-        if webhook.respond == "immediate":
+        if route.respond == "immediate":
             extra = {"duplicate": True} if submitted.status == "duplicate" else {}
             return json_answer({**body, "status": "queued", **extra}, 202)
-        record = await self.dispatcher.wait_for(submitted.run_id, webhook.timeout.total_seconds())
+        record = await self.dispatcher.wait_for(submitted.run_id, route.timeout)
         if record is None:
             try:
                 await self.dispatcher.stored(submitted.run_id)

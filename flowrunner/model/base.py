@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -27,6 +28,31 @@ def closest(word: str, choices: list[str] | set[str] | tuple[str, ...]) -> str |
 
 
 _KNOWN_KEYS: dict[type[BaseModel], frozenset[str]] = {}
+
+M = TypeVar("M")
+T = TypeVar("T")
+
+
+class PerModel(Generic[M, T]):
+    """What ``make`` derives from a (frozen) model, made once per model object: the
+    paths every run takes read plain objects. A pydantic model answers each attribute
+    through its ``__getattr__`` hook, several times slower than a plain object.
+
+    Kept by the model's identity; each entry holds its model, so the identity is not
+    reused while it is kept. Bounded: a reload makes new models, and the old go."""
+
+    def __init__(self, make: Callable[[M], T], kept: int = 4096) -> None:
+        self._make = make
+        self._kept = kept
+        self._made: dict[int, tuple[M, T]] = {}
+
+    def __call__(self, model: M) -> T:
+        held = self._made.get(id(model))
+        if held is None:
+            if len(self._made) >= self._kept:
+                self._made.clear()
+            held = self._made[id(model)] = (model, self._make(model))
+        return held[1]
 
 
 class StrictModel(BaseModel):

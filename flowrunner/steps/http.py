@@ -23,7 +23,8 @@ from flowrunner import jsontext
 from flowrunner.expressions import to_text
 from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import IDEMPOTENT_METHODS, HttpStep, Retry
-from flowrunner.model.base import status_matches
+from flowrunner.model.base import PerModel, status_matches
+from flowrunner.model.profiles import ProfileBase
 from flowrunner.runtime import RunContext, Scope, StepFailed, StepResult, step_result
 from flowrunner.wire import (
     DEFAULT_TIMEOUT,
@@ -68,18 +69,16 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 
 class _Plan:
-    """An http step's settings, read from its model once. A pydantic model answers each
-    attribute through its ``__getattr__`` hook, several times slower than a plain object,
-    and a request reads some forty of them."""
+    """An http step's settings, read from its model once (see ``PerModel``): a request
+    reads some forty of them."""
 
     __slots__ = (
-        "step", "method", "url", "auth", "query", "headers", "has_json", "json", "form",
+        "method", "url", "auth", "query", "headers", "has_json", "json", "form",
         "body", "timeout", "step_timeout", "follow_redirects", "retry", "retry_on", "attempts",
         "expect", "paginate", "outputs",
     )  # fmt: skip
 
     def __init__(self, step: HttpStep) -> None:
-        self.step = step
         spec = step.http
         self.method, self.url, self.auth = spec.method, spec.url, spec.auth
         self.query, self.headers, self.has_json = spec.query, spec.headers, spec.has_json
@@ -95,19 +94,21 @@ class _Plan:
         self.expect, self.paginate, self.outputs = spec.expect, spec.paginate, step.outputs
 
 
-# By the step's identity; the plan holds the step, so the identity is not reused while
-# it is kept. Bounded: a reload makes new steps.
-_PLANS: dict[int, _Plan] = {}
-_PLANS_KEPT = 4096
+_plan_of = PerModel(_Plan)
 
 
-def _plan_of(step: HttpStep) -> _Plan:
-    plan = _PLANS.get(id(step))
-    if plan is None or plan.step is not step:
-        if len(_PLANS) >= _PLANS_KEPT:
-            _PLANS.clear()
-        plan = _PLANS[id(step)] = _Plan(step)
-    return plan
+class _ProfilePlan:
+    """What a request reads of its auth profile, read once (see ``PerModel``)."""
+
+    __slots__ = ("allowed", "base_url", "name")
+
+    def __init__(self, profile: ProfileBase) -> None:
+        self.name = profile.name
+        self.base_url = profile.base_url.rstrip("/") + "/" if profile.base_url else None
+        self.allowed = tuple(profile.default_hosts())
+
+
+_profile_plan_of = PerModel(_ProfilePlan)
 
 
 class HttpCall:
@@ -142,13 +143,13 @@ class HttpCall:
         spec = self.plan
         render = self.scope.render
         text = url_override or to_text(render(spec.url))
-        profile = self.run.auth.profile(spec.auth) if spec.auth else None
+        profile = _profile_plan_of(self.run.auth.profile(spec.auth)) if spec.auth else None
         if (
             profile is not None
             and profile.base_url
             and not text.startswith(("http://", "https://"))
         ):
-            text = profile.base_url.rstrip("/") + "/" + text.lstrip("/")
+            text = profile.base_url + text.lstrip("/")
         if not text.startswith(("http://", "https://")):
             raise StepFailed(
                 f"URL {self.run.masker.mask(text)!r} is not absolute (http:// or https://)"
@@ -192,8 +193,8 @@ class HttpCall:
             headers["User-Agent"] = USER_AGENT
         request = WireRequest(spec.method, url, headers, content, spec.timeout)
         if profile is not None:
-            allowed = profile.default_hosts()
-            if not host_allowed(host, allowed):
+            allowed = profile.allowed
+            if not _host_allowed(host, allowed):
                 raise HostNotAllowed(
                     f"auth profile '{profile.name}' may only send its credential to "
                     f"{', '.join(allowed) or 'no host'}; this request goes to {host}. "
