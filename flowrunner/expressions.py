@@ -495,6 +495,51 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
     return value
 
 
+Renderer = Callable[[Mapping[str, Any]], Any]
+
+
+def compile_value(value: Any) -> Renderer:
+    """``render(value, context)`` as a function of the context, worked out once for a
+    value rendered run after run (an http step's URL, headers and body): its templates
+    compiled, and its parts that hold none not walked again. Those parts are given as
+    they are, not copied: a rendered value is read, never changed."""
+    renderer = _renderer(value)
+    if renderer is not None:
+        return renderer
+
+    def constant(context: Mapping[str, Any]) -> Any:
+        return value
+
+    return constant
+
+
+def _renderer(value: Any) -> Renderer | None:
+    """The renderer of a value, or None when nothing in it is a template."""
+    if isinstance(value, str):
+        return compile_template(value).render if "${{" in value else None
+    if isinstance(value, dict):
+        if any(isinstance(key, str) and "${{" in key for key in value):
+            return lambda context: render(value, context)  # a templated key: rare
+        items = [(key, item, _renderer(item)) for key, item in value.items()]
+        if all(renderer is None for _, _, renderer in items):
+            return None
+
+        def render_dict(context: Mapping[str, Any]) -> dict[Any, Any]:
+            return {k: v if r is None else r(context) for k, v, r in items}
+
+        return render_dict
+    if isinstance(value, list):
+        parts = [(item, _renderer(item)) for item in value]
+        if all(renderer is None for _, renderer in parts):
+            return None
+
+        def render_list(context: Mapping[str, Any]) -> list[Any]:
+            return [v if r is None else r(context) for v, r in parts]
+
+        return render_list
+    return None
+
+
 def condition_source(text: str) -> str:
     """``if:``, ``for_each:`` and ``switch:`` accept a bare expression as well as ``${{ }}``."""
     return text if "${{" in text else "${{ " + text + " }}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from flowrunner.expressions import to_text
+from flowrunner.expressions import compile_value, to_text
 from flowrunner.model import FailStep, LogStep, RespondStep, SetStep, WaitStep
+from flowrunner.model.base import PerModel
 from flowrunner.runtime import FlowFailed, RunContext, Scope, StepResult, step_result
 
 log = logging.getLogger("flowrunner.flow")
@@ -38,15 +39,32 @@ async def run_fail(step: FailStep, scope: Scope, run: RunContext) -> StepResult:
     raise FlowFailed(to_text(scope.render(step.fail)), step=step.id)
 
 
+class _RespondPlan:
+    """A respond step's answer, compiled once (see ``PerModel``): most webhook runs end
+    with one."""
+
+    __slots__ = ("body", "headers", "json", "status")
+
+    def __init__(self, step: RespondStep) -> None:
+        spec = step.respond
+        self.status = spec.status
+        self.headers = compile_value(spec.headers)
+        self.json = compile_value(spec.json_) if "json_" in spec.model_fields_set else None
+        self.body = compile_value(spec.body) if spec.body is not None else None
+
+
+_respond_plan_of = PerModel(_RespondPlan)
+
+
 async def run_respond(step: RespondStep, scope: Scope, run: RunContext) -> StepResult:
-    spec = step.respond
+    plan, names = _respond_plan_of(step), scope.names
     response = {
-        "status": spec.status,
-        "headers": {str(k): to_text(v) for k, v in scope.render(spec.headers).items()},
+        "status": plan.status,
+        "headers": {str(k): to_text(v) for k, v in plan.headers(names).items()},
     }
-    if "json_" in spec.model_fields_set:
-        response["json"] = scope.render(spec.json_)
-    elif spec.body is not None:
-        response["body"] = to_text(scope.render(spec.body))
+    if plan.json is not None:
+        response["json"] = plan.json(names)
+    elif plan.body is not None:
+        response["body"] = to_text(plan.body(names))
     run.response = response
-    return step_result(status=spec.status, body=response.get("json", response.get("body")))
+    return step_result(status=plan.status, body=response.get("json", response.get("body")))

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from flowrunner import jsontext
-from flowrunner.expressions import to_text
+from flowrunner.expressions import compile_value, to_text
 from flowrunner.jsonpaths import compile_jsonpath
 from flowrunner.model import IDEMPOTENT_METHODS, HttpStep, Retry
 from flowrunner.model.base import PerModel, status_matches
@@ -70,19 +70,24 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 class _Plan:
     """An http step's settings, read from its model once (see ``PerModel``): a request
-    reads some forty of them."""
+    reads some forty of them. What is rendered (URL, query, headers, body) is compiled
+    once too; None where the step has none."""
 
     __slots__ = (
-        "method", "url", "auth", "query", "headers", "has_json", "json", "form",
+        "method", "url", "auth", "query", "headers", "json", "form",
         "body", "timeout", "step_timeout", "follow_redirects", "retry", "retry_on", "attempts",
         "expect", "paginate", "outputs",
     )  # fmt: skip
 
     def __init__(self, step: HttpStep) -> None:
         spec = step.http
-        self.method, self.url, self.auth = spec.method, spec.url, spec.auth
-        self.query, self.headers, self.has_json = spec.query, spec.headers, spec.has_json
-        self.json, self.form, self.body = spec.json_, spec.form, spec.body
+        self.method, self.auth = spec.method, spec.auth
+        self.url = compile_value(spec.url)
+        self.query = compile_value(spec.query) if spec.query else None
+        self.headers = compile_value(spec.headers) if spec.headers else None
+        self.json = compile_value(spec.json_) if spec.has_json else None
+        self.form = compile_value(spec.form) if spec.form is not None else None
+        self.body = compile_value(spec.body) if spec.body is not None else None
         timeout = spec.timeout or step.timeout
         self.timeout = timeout.total_seconds() if timeout else DEFAULT_TIMEOUT
         self.step_timeout = step.timeout.total_seconds() if step.timeout else float("inf")
@@ -141,8 +146,8 @@ class HttpCall:
         self, url_override: str | None = None, extra_query: dict[str, Any] | None = None
     ) -> tuple[WireRequest, str | None]:
         spec = self.plan
-        render = self.scope.render
-        text = url_override or to_text(render(spec.url))
+        names = self.scope.names
+        text = url_override or to_text(spec.url(names))
         profile = _profile_plan_of(self.run.auth.profile(spec.auth)) if spec.auth else None
         if (
             profile is not None
@@ -161,15 +166,15 @@ class HttpCall:
         host = url.host
         if not host:
             raise StepFailed(f"URL {self.run.masker.mask(text)!r} has no host")
-        query = {k: _query_value(v) for k, v in render(spec.query).items()} if spec.query else {}
+        query = {k: _query_value(v) for k, v in spec.query(names).items()} if spec.query else {}
         if url_override:
             query = {}
         query.update(extra_query or {})
         if query:
             url = merge_query(url, query)  # added to the URL's own query string
         headers: CIMultiDict[str] = CIMultiDict()
-        if spec.headers:
-            for key, rendered in render(spec.headers).items():
+        if spec.headers is not None:
+            for key, rendered in spec.headers(names).items():
                 name, value = str(key), to_text(rendered)
                 if not (name.isascii() and value.isascii()):
                     raise StepFailed(
@@ -178,17 +183,17 @@ class HttpCall:
                     )
                 headers.add(name, value)
         content: bytes | None = None
-        if spec.has_json:
-            content = jsontext.dumps_bytes(render(spec.json))  # compact, UTF-8, as httpx
+        if spec.json is not None:
+            content = jsontext.dumps_bytes(spec.json(names))  # compact, UTF-8, as httpx
             if "Content-Type" not in headers:
                 headers["Content-Type"] = "application/json"
         elif spec.form is not None:
-            form = {k: to_text(v) for k, v in render(spec.form).items()}
+            form = {k: to_text(v) for k, v in spec.form(names).items()}
             content = urlencode(form).encode()
             if "Content-Type" not in headers:
                 headers["Content-Type"] = "application/x-www-form-urlencoded"
         elif spec.body is not None:
-            content = to_text(render(spec.body)).encode()
+            content = to_text(spec.body(names)).encode()
         if "User-Agent" not in headers:
             headers["User-Agent"] = USER_AGENT
         request = WireRequest(spec.method, url, headers, content, spec.timeout)

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowrunner.errors import ExpressionError
 from flowrunner.expressions import (
@@ -14,6 +16,7 @@ from flowrunner.expressions import (
     Reference,
     compile_expression,
     compile_template,
+    compile_value,
     condition_source,
     render,
     to_text,
@@ -272,3 +275,52 @@ def test_identical_sources_share_one_compiled_form() -> None:
     """A template or expression compiled twice is the same object (compiled once)."""
     assert compile_template("${{ inputs.site }}") is compile_template("${{ inputs.site }}")
     assert compile_expression(" inputs.site ") is compile_expression("inputs.site")
+
+
+# ---------------------------------------------------------------- compiled values
+
+_CONTEXT = {
+    "trigger": {"body": {"customer": 7, "tags": ["a", "b"]}},
+    "steps": {"customer": {"body": {"id": "7", "email": "c@example.com"}}},
+}
+_TEXTS = st.sampled_from(
+    [
+        "plain",
+        "${{ trigger.body.customer }}",
+        "/customers/${{ trigger.body.customer }}",
+        "${{ steps.customer.body.email }} and ${{ trigger.body.tags }}",
+        "${{ trigger.body.tags | length }}",
+    ]
+)
+_LEAVES = _TEXTS | st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXTS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES)
+def test_a_compiled_value_renders_as_render_does(value: Any) -> None:
+    """An http step's URL, headers and body are compiled once: the same result as
+    rendering the value, templated keys included."""
+    assert compile_value(value)(_CONTEXT) == render(value, _CONTEXT)
+
+
+def test_a_compiled_value_shares_what_holds_no_template() -> None:
+    lines = [{"sku": "A-1", "qty": 2}]
+    value = {"customer_id": "${{ steps.customer.body.id }}", "lines": lines}
+    first, second = compile_value(value)(_CONTEXT), compile_value(value)(_CONTEXT)
+    assert first == {"customer_id": "7", "lines": lines}
+    assert first is not second and first["lines"] is lines  # a new dict; its static part as is
+    assert compile_value(lines)(_CONTEXT) is lines
+
+
+def test_a_compiled_value_raises_what_render_raises() -> None:
+    value = {"id": "${{ steps.missing.body.id }}"}
+    with pytest.raises(ExpressionError) as compiled:
+        compile_value(value)(_CONTEXT)
+    with pytest.raises(ExpressionError) as rendered:
+        render(value, _CONTEXT)
+    assert str(compiled.value) == str(rendered.value)
