@@ -1059,6 +1059,31 @@ async def test_header_values_in_utf_8_are_read_as_such(
     assert response.headers["X-Old"] == "é"  # not UTF-8: read as Latin-1
 
 
+async def test_the_header_dict_has_lower_case_names_and_repeated_ones_joined(
+    serve: ServerFactory, wire: Http1Wire
+) -> None:
+    """What a step's result and the history show: every name lower-cased, a header sent
+    twice (in any case) as one value joined with ", ", in the order they came."""
+
+    async def repeated(peer: Peer) -> None:
+        assert await peer.request() is not None
+        await peer.send(answer(b"ok", "Set-Cookie: a=1", "X-Note: h\xe9", "set-cookie: b=2"))
+
+    server = await serve(repeated)
+    response = await wire.send(get(server.url("/h")), LIMIT)
+    headers = response.header_dict()
+    assert headers["set-cookie"] == "a=1, b=2"
+    assert headers["x-note"] == "hé"
+    assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert all(name == name.lower() for name in headers)
+    # The same as the dict made from the response's headers themselves.
+    expected: dict[str, str] = {}
+    for name, value in response.headers.items():
+        key = name.lower()
+        expected[key] = f"{expected[key]}, {value}" if key in expected else value
+    assert headers == expected
+
+
 @pytest.mark.parametrize(
     "headers",
     [{"Transfer-Encoding ": "chunked"}, {"": "x"}, {"X-Note": "a\x00b"}, {"X Note": "x"}],
