@@ -145,6 +145,9 @@ class BodyTooLarge(WireError):
 _ENCODED_URL = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 
 
+# A step sends to the same few URLs run after run: a URL is parsed once, and the same
+# (immutable) object reused keeps what yarl works out of it (host, path) once too.
+@functools.lru_cache(maxsize=1024)
 def parse_url(text: str) -> URL:
     """``text`` as a URL (raises ValueError if it is not one). The query of a URL that is
     percent-encoded already is kept as written: yarl would re-encode it, turning ``%2F``
@@ -156,6 +159,12 @@ def parse_url(text: str) -> URL:
         if written != url.raw_query_string:
             url = _with_query_string(url, written)
     return url
+
+
+@functools.lru_cache(maxsize=1024)
+def url_text(url: URL) -> str:
+    """``str(url)``, which yarl works out again on every call (a microsecond)."""
+    return str(url)
 
 
 def merge_query(url: URL, params: Mapping[str, str | list[str]]) -> URL:

@@ -39,6 +39,7 @@ from flowrunner.wire import (
     parse_url,
     redirect_request,
     send_with_auth,
+    url_text,
     without_query,
 )
 
@@ -221,7 +222,7 @@ class HttpCall:
         return {
             "auth": self.plan.auth,
             "method": request.method,
-            "url": mask(str(request.url)),
+            "url": mask(url_text(request.url)),
             "headers": headers,
             "body": self.run.excerpt(body) if body else None,
         }
