@@ -337,24 +337,43 @@ def _value_is_clean(value: str) -> bool:
     return _CONTROL.search(value) is None
 
 
+# A header as checked and written: (its lower-cased name, its line), by (name, value).
+# Requests send the same few headers again and again. Bounded: values may vary.
+_HEADER_LINES: dict[tuple[str, str], tuple[str, str]] = {}
+_HEADER_LINES_KEPT = 1024
+
+
+def _header_line(name: str, value: str) -> tuple[str, str] | None:
+    """A header's lower-cased name and line, checked; None for a framing header."""
+    lower = name.lower()
+    if lower in _FRAMING:
+        return None
+    if not _valid_name(name) or not (value.isprintable() or _value_is_clean(value)):
+        raise WireConnectionError(
+            "InvalidHeader",
+            f"header {name!r}: a name is letters, digits and !#$%&'*+-.^_`|~, and a "
+            "value holds no line break or other control character",
+        )
+    if len(_HEADER_LINES) >= _HEADER_LINES_KEPT:
+        _HEADER_LINES.clear()
+    known = _HEADER_LINES[(name, value)] = (lower, f"{name}: {value}")
+    return known
+
+
 def _request_head(request: WireRequest) -> bytes:
     """The request line and headers, as bytes on the wire."""
     url = request.url
     target = url.raw_path_qs or "/"
     lines = [f"{request.method} {target} HTTP/1.1"]
     given: set[str] = set()
-    for name, value in request.headers.items():
-        lower = name.lower()
-        if lower in _FRAMING:
-            continue
-        if not _valid_name(name) or not (value.isprintable() or _value_is_clean(value)):
-            raise WireConnectionError(
-                "InvalidHeader",
-                f"header {name!r}: a name is letters, digits and !#$%&'*+-.^_`|~, and a "
-                "value holds no line break or other control character",
-            )
-        given.add(lower)
-        lines.append(f"{name}: {value}")
+    for pair in request.headers.items():
+        known = _HEADER_LINES.get(pair)
+        if known is None:
+            known = _header_line(*pair)
+            if known is None:
+                continue  # framing: ours to write
+        given.add(known[0])
+        lines.append(known[1])
     if "host" not in given:
         lines.insert(1, f"Host: {url.host_port_subcomponent}")
     if "user-agent" not in given:
