@@ -46,10 +46,10 @@ class Route:
     """A webhook and its flow, with what each call reads of the webhook read once: a
     pydantic model's attributes are slow to read."""
 
-    __slots__ = ("auth", "dedupe", "flow", "max_body", "methods", "respond", "timeout", "webhook")
+    __slots__ = ("auth", "dedupe", "flow", "max_body", "methods", "respond", "timeout")
 
     def __init__(self, flow: str, webhook: Webhook) -> None:
-        self.flow, self.webhook = flow, webhook
+        self.flow = flow
         self.methods, self.max_body, self.auth = webhook.methods, webhook.max_body, webhook.auth
         self.dedupe, self.respond = webhook.dedupe, webhook.respond
         self.timeout = webhook.timeout.total_seconds()

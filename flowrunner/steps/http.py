@@ -54,12 +54,8 @@ class HostNotAllowed(StepFailed):
     """A credential would have gone to a host outside its profile's allowed_hosts."""
 
 
-def host_allowed(host: str, allowed: list[str]) -> bool:
-    return _host_allowed(host, tuple(allowed))
-
-
 @functools.lru_cache(maxsize=1024)  # every request with a profile asks
-def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     host = host.lower()
     for pattern in allowed:
         if pattern.startswith("*.") and (host.endswith(pattern[1:]) or host == pattern[2:]):
@@ -200,7 +196,7 @@ class HttpCall:
         request = WireRequest(spec.method, url, headers, content, spec.timeout)
         if profile is not None:
             allowed = profile.allowed
-            if not _host_allowed(host, allowed):
+            if not host_allowed(host, allowed):
                 raise HostNotAllowed(
                     f"auth profile '{profile.name}' may only send its credential to "
                     f"{', '.join(allowed) or 'no host'}; this request goes to {host}. "
@@ -304,7 +300,7 @@ class HttpCall:
         response = await send_with_auth(wire, request, auth, limit)
         if not spec.follow_redirects:
             return response
-        allowed: list[str] | None = None  # the profile's hosts, read at the first redirect
+        allowed: tuple[str, ...] | None = None  # the profile's hosts, at the first redirect
         sent = response.request  # with the credential on
         for hop in range(MAX_REDIRECTS + 1):
             following = redirect_request(response)
@@ -316,7 +312,7 @@ class HttpCall:
                 response = await wire.send(following, limit)
                 continue
             if allowed is None:
-                allowed = self.run.auth.profile(auth_name).default_hosts()
+                allowed = _profile_plan_of(self.run.auth.profile(auth_name)).allowed
             if host_allowed(following.url.host or "", allowed):
                 response = await send_with_auth(wire, following, auth, limit)
             else:
