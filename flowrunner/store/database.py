@@ -77,7 +77,10 @@ class Database:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.writes = WriteBatcher(engine)
+        # The loop may commit itself while the log is well under the size at which a
+        # commit checkpoints (see InlineCommits): the log grows by a few hundred pages
+        # between two turns of the checkpoint thread, under load.
+        self.writes = WriteBatcher(engine, max_inline_log_pages=AUTOCHECKPOINT_PAGES * 4 // 5)
         self._checkpoints: threading.Event | None = None
         self._checkpointer: threading.Thread | None = None
 
@@ -89,6 +92,8 @@ class Database:
             return
         stop = self._checkpoints = threading.Event()
 
+        gate = self.writes.inline
+
         def checkpoint() -> None:
             done_at, commits = clock.monotonic(), -1
             # A connection of the thread's own, kept: taking one from the pool at each
@@ -99,11 +104,17 @@ class Database:
                 if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
                     continue  # nothing new in the log
                 commits, done_at = self.writes.commits, now
+                # Shut before the checkpoint begins: a commit that began after it
+                # completes would restart the log (see InlineCommits).
+                gate.checkpointing = True
+                log_pages, copied = gate.log_pages, -1  # unknown: the gate stays shut
                 try:
                     connection = connection or self.engine.raw_connection()
                     cursor = connection.cursor()
                     try:
-                        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        _, log_pages, copied = cursor.execute(
+                            "PRAGMA wal_checkpoint(PASSIVE)"
+                        ).fetchone()
                     finally:
                         cursor.close()
                 except Exception:
@@ -111,12 +122,18 @@ class Database:
                     if connection is not None:
                         connection.invalidate()  # the next turn opens another
                         connection = None
+                finally:
+                    if copied < 0:
+                        gate.completed += 1  # it may have completed: as if it had
+                    gate.checkpointed(log_pages, copied)
+            gate.watched = False
             if connection is not None:
                 connection.close()
 
         self._checkpointer = threading.Thread(
             target=checkpoint, name="state-checkpoint", daemon=True
         )
+        gate.watched = True
         self._checkpointer.start()
 
     @classmethod

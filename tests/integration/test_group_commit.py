@@ -553,3 +553,104 @@ def test_the_quick_bind_processors_write_what_sqlalchemy_writes(
     assert quick["outputs"](document) == stock_json(document)
     assert quick["outputs"](value) == stock_json(value)
     database.close()
+
+
+def commit_threads(database: Database) -> list[str]:
+    """The thread of each COMMIT SQLite runs from now on."""
+    threads: list[str] = []
+
+    def trace(dbapi_connection: Any, *_: Any) -> None:
+        def on_sql(sql: str) -> None:
+            if sql.strip().upper() == "COMMIT":
+                threads.append(threading.current_thread().name)
+
+        dbapi_connection.set_trace_callback(on_sql)
+
+    event.listen(database.engine, "checkout", trace)
+    return threads
+
+
+async def write_runs(history: RunHistory, names: list[str]) -> None:
+    for name in names:  # one at a time: each a lone write
+        await history.write_finished(finished(name), started_written=False)
+
+
+async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
+    database: Database,
+) -> None:
+    """With the checkpoint thread watching the log, a lone write skips the hand-off to the
+    writer thread; the first still goes there (a new log is synced when first written)."""
+    threads = commit_threads(database)
+    database.checkpoint_in_background(every=3600)  # watching, no checkpoint in this test
+    history = RunHistory(database)
+    await write_runs(history, ["a", "b", "c"])
+    assert threads == ["state-writer", "MainThread", "MainThread"]
+    await asyncio.gather(  # submitted together: one commit, with the writer thread
+        history.write_finished(finished("d"), started_written=False),
+        history.write_finished(finished("e"), started_written=False),
+    )
+    assert threads[3:] == ["state-writer"]
+    database.close()
+    assert sorted(rows(database, "SELECT id FROM runs")) == [(n,) for n in "abcde"]
+
+
+async def test_without_the_checkpoint_thread_every_commit_is_the_writer_thread_s(
+    database: Database,
+) -> None:
+    """A short command (no checkpoint thread) knows nothing of the log: the loop never
+    commits itself."""
+    threads = commit_threads(database)
+    await write_runs(RunHistory(database), ["a", "b", "c"])
+    assert threads == ["state-writer"] * 3
+    database.close()
+
+
+@pytest.mark.parametrize(
+    "what_the_checkpoint_thread_saw",
+    ["a checkpoint running", "a checkpoint that completed", "a large log"],
+)
+async def test_a_commit_that_may_wait_for_the_disk_is_left_to_the_writer_thread(
+    database: Database, what_the_checkpoint_thread_saw: str
+) -> None:
+    """While a checkpoint runs, after one completed (the next commit restarts the log and
+    syncs it) and while the log is near the size at which a commit checkpoints, the loop
+    hands its write off; once the writer thread has committed, the loop commits again."""
+    threads = commit_threads(database)
+    database.checkpoint_in_background(every=3600)
+    history = RunHistory(database)
+    await write_runs(history, ["first", "quiet"])
+    gate = database.writes.inline
+    if what_the_checkpoint_thread_saw == "a checkpoint running":
+        gate.checkpointing = True
+    elif what_the_checkpoint_thread_saw == "a checkpoint that completed":
+        gate.checkpointed(log_pages=12, copied=12)
+    else:
+        gate.checkpointed(log_pages=gate.max_log_pages, copied=100)
+    await write_runs(history, ["waits"])
+    assert threads[1:] == ["MainThread", "state-writer"]
+    if what_the_checkpoint_thread_saw == "a checkpoint that completed":
+        await write_runs(history, ["after"])
+        assert threads[3:] == ["MainThread"]
+    database.close()
+
+
+def test_the_checkpoint_thread_tells_the_loop_what_it_saw_of_the_log(tmp_path: Path) -> None:
+    """After a checkpoint of a log with pages in it and no commit since, the gate knows
+    the log's size and that the next commit restarts it."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
+    history = RunHistory(database)
+    for n in range(20):
+        history.record(finished(f"run-{n:02d}"))
+    gate = database.writes.inline
+    completed = gate.completed
+    database.checkpoint_in_background(every=0.02)
+    for _ in range(100):
+        if gate.completed > completed:
+            break
+        threading.Event().wait(0.02)
+    assert gate.completed > completed
+    assert gate.log_pages > 0
+    assert not gate.open()  # the next commit restarts the log: not the loop's
+    database.close()
+    assert not gate.watched
