@@ -78,9 +78,9 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         # The loop may commit itself while the log is well under the size at which a
-        # commit checkpoints (see InlineCommits): the log grows by a few hundred pages
-        # between two turns of the checkpoint thread, under load.
-        self.writes = WriteBatcher(engine, max_inline_log_pages=AUTOCHECKPOINT_PAGES * 4 // 5)
+        # commit checkpoints (see InlineCommits): lone writes add a few hundred pages to
+        # it between two turns of the checkpoint thread.
+        self.writes = WriteBatcher(engine, max_inline_log_pages=AUTOCHECKPOINT_PAGES * 9 // 10)
         self._checkpoints: threading.Event | None = None
         self._checkpointer: threading.Thread | None = None
 
