@@ -14,7 +14,9 @@ runs alone (one after the other), pinned to CPU 0 (``taskset -c 0``); the upstre
 (``bench/upstream.py``) and the load generator (``wrk``) share CPU 1. Each level of
 concurrent clients (connections of ``wrk``, one thread) runs for ``--duration`` seconds
 after a short warm-up; the figures are req/s and p50/p99 latency as ``wrk --latency``
-reports them, and their ratios (goal: flowrunner ≥ 0.7x the baseline's req/s, p99 < 2x).
+reports them, and their ratios (goal: flowrunner ≥ 0.7x the baseline's req/s, p99 < 2x);
+then, from /proc, the CPU time and thread switches a webhook cost each server's process,
+with the CPU ratio paired repeat by repeat (steadier than the req/s on a shared machine).
 The upstream's counters check that both made the same calls with the token, and the
 state database that flowrunner recorded one run per request.
 
@@ -382,6 +384,33 @@ def state_counters(url: str) -> tuple[float, float]:
     return float(values["flowrunner_state_commits"]), float(values["flowrunner_state_writes"])
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """The CPU seconds (user and system) all threads of a process have used, and the
+    times they were switched off the CPU (voluntarily or not), from /proc; None where
+    there is no /proc. A thread that ended took its count with it: the servers' threads
+    live as long as they do."""
+    seconds, switches = 0.0, 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in threads:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        switches += sum(
+            int(line.split(":")[1]) for line in status.splitlines() if "ctxt_switches" in line
+        )
+    return seconds, switches
+
+
 def stored_runs(root: Path) -> collections.Counter[str]:
     with sqlite3.connect(root / ".flowrunner" / "state.db") as conn:
         return collections.Counter(
@@ -406,9 +435,15 @@ def measure_variant(
         run_wrk(server.url, 16, WARMUP_SECONDS, script, args.pin, wrk)
         for clients in args.clients:
             before = state_counters(server.url) if variant == "flowrunner" else None
+            usage_before = process_usage(server.process.pid)
             result = run_wrk(server.url, clients, args.duration, script, args.pin, wrk)
+            usage_after = process_usage(server.process.pid)
             if result["non_2xx"] or result["socket_errors"]:
                 raise MeasurementFailed(f"{variant} at {clients} clients: {result}")
+            if usage_before and usage_after and result["requests"]:
+                # Requests still in flight when wrk stops are few beside thousands.
+                result["cpu_us"] = (usage_after[0] - usage_before[0]) / result["requests"] * 1e6
+                result["switches"] = (usage_after[1] - usage_before[1]) / result["requests"]
             if before is not None:
                 (commits_after, writes_after), (commits_before, writes_before) = (
                     state_counters(server.url),
@@ -810,6 +845,48 @@ def print_results(
         "writes/commit = intakes, run ends and removals from the queue per transaction of "
         "flowrunner's group commit "
         "(from its /metrics)"
+    )
+    if all("cpu_us" in r[c] for v in VARIANTS for r in results[v] for c in args.clients):
+        print_usage(results, args)
+
+
+def print_usage(
+    results: dict[str, list[dict[int, dict[str, Any]]]], args: argparse.Namespace
+) -> None:
+    """What a webhook cost each server's process: CPU time and thread switches (what an
+    instruction count leaves out), and the CPU ratio paired repeat by repeat, which
+    moves less with the machine's load than the medians do."""
+    rows = []
+    for clients in args.clients:
+        pairs = list(zip(results["flowrunner"], results["baseline"], strict=True))
+        paired = [fr[clients]["cpu_us"] / base[clients]["cpu_us"] for fr, base in pairs]
+        rows.append(
+            (
+                str(clients),
+                f"{median([fr[clients]['cpu_us'] for fr, _ in pairs]):.0f}",
+                f"{median([fr[clients]['switches'] for fr, _ in pairs]):.1f}",
+                f"{median([base[clients]['cpu_us'] for _, base in pairs]):.0f}",
+                f"{median([base[clients]['switches'] for _, base in pairs]):.1f}",
+                f"{median(paired):.2f}x",
+            )
+        )
+    print()
+    print(
+        table(
+            (
+                "clients",
+                "flowrunner CPU us",
+                "switches",
+                "baseline CPU us",
+                "switches",
+                "CPU ratio (paired)",
+            ),
+            rows,
+        )
+    )
+    print(
+        "a webhook's CPU time (user and system, all threads of the server) and thread "
+        "switches, from /proc; medians of the repeats"
     )
 
 
