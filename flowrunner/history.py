@@ -44,7 +44,8 @@ class HistoryRecorder:
                 self._schedule_sweep()  # (a recorder may outlive the loop it swept in)
             return None
         if self._unwritten.pop(run.id, None) is not None:
-            return self.history.write_finished(run, started_written=False)
+            self.history.write_finished(run, started_written=False)
+            return None
         written = run.id in self._written
         self._written.discard(run.id)
         return self.history.write_finished(run, started_written=written)

@@ -150,7 +150,9 @@ class InlineCommits:
     checkpoints, after a checkpoint that completed until the writer thread has committed
     (restarting the log), and while the log is large. Shut unless that thread runs (not
     SQLite, or a short command): then every write goes to the writer thread. The fields
-    are plain attributes set under the GIL; each thread writes only its own."""
+    are plain attributes, read and set under the GIL: the checkpoint thread sets what it
+    saw of the log, and whoever commits (under the batcher's transaction lock) sets
+    ``restarted``."""
 
     def __init__(self, max_log_pages: int) -> None:
         self.max_log_pages = max_log_pages
