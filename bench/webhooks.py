@@ -735,13 +735,13 @@ def run(args: argparse.Namespace) -> int:
     os.environ["BENCH_TOKEN"] = token  # flowrunner reads it as secrets.BENCH_TOKEN
     os.environ.setdefault("FLOWRUNNER_SECRET_KEY", "bench-webhooks")
     args.pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
-    measured = (
+    what = (
         f"instructions over {args.callgrind} webhooks at one client"
         if args.callgrind
         else f"{args.duration:g} s per level at {args.clients} clients, {args.repeat} repeat(s)"
     )
     print(
-        f"W1 webhook benchmark: {measured}; python {sys.version.split()[0]}, "
+        f"W1 webhook benchmark: {what}; python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs; "
         + (
             f"servers pinned to CPU {SERVER_CPU}, upstream and wrk to CPU {LOAD_CPU}"
@@ -760,6 +760,7 @@ def run(args: argparse.Namespace) -> int:
         if args.callgrind:
             run_callgrind(args, root, upstream, token)
             return 0
+        assert wrk is not None  # checked above: only callgrind runs without it
         results: dict[str, list[dict[int, dict[str, Any]]]] = {v: [] for v in VARIANTS}
         for repeat in range(args.repeat):
             order = VARIANTS if repeat % 2 == 0 else tuple(reversed(VARIANTS))
