@@ -44,8 +44,7 @@ class HistoryRecorder:
                 self._schedule_sweep()  # (a recorder may outlive the loop it swept in)
             return None
         if self._unwritten.pop(run.id, None) is not None:
-            self.history.write_finished(run, started_written=False)
-            return None
+            return self.history.write_finished(run, started_written=False)
         written = run.id in self._written
         self._written.discard(run.id)
         return self.history.write_finished(run, started_written=written)
