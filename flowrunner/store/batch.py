@@ -21,11 +21,12 @@ alone, so one bad write fails only its own future.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -140,46 +141,73 @@ class InlineCommits:
     writer thread.
 
     The hand-off costs two thread switches and a wake-up of the loop, more than a small
-    commit does: with one client at a time, committing on the loop took about a tenth less
-    CPU a webhook. But some commits wait for the disk, and those must not be the loop's:
+    commit does: with one client at a time, committing on the loop took about a twentieth
+    less CPU a webhook, and half the thread switches. But some commits wait for the disk,
+    and those must not be the loop's:
 
     - the first commit after a complete checkpoint restarts the log, and syncs it;
-    - past ``wal_autocheckpoint`` pages, a commit checkpoints.
+    - past ``wal_autocheckpoint`` pages, a commit checkpoints;
+    - while another connection writes (a prune), a commit waits for its lock.
 
-    Only the checkpoint thread sees the log, so it keeps this gate: shut while it
-    checkpoints, after a checkpoint that completed until the writer thread has committed
-    (restarting the log), and while the log is large. Shut unless that thread runs (not
-    SQLite, or a short command): then every write goes to the writer thread. The fields
-    are plain attributes, read and set under the GIL: the checkpoint thread sets what it
-    saw of the log, and whoever commits (under the batcher's transaction lock) sets
-    ``restarted``."""
+    Only the checkpoint thread sees the log, so it keeps this gate, shut:
+
+    - while it checkpoints (it holds ``disk``, which the loop takes without waiting
+      around its own commit: the two never overlap);
+    - after a checkpoint that completed, until a commit begun after it (the writer
+      thread's) has restarted the log;
+    - while the log is large, and when its size is unknown: another connection was
+      checkpointing, a checkpoint failed, or a write outside the batcher ran (see
+      ``outside``), until the next checkpoint says;
+    - unless the checkpoint thread runs (not SQLite, or a short command).
+
+    The fields are plain attributes read and set under the GIL: the checkpoint thread
+    sets what it saw of the log, and whoever commits (under the batcher's transaction
+    lock) sets ``restarted``."""
 
     def __init__(self, max_log_pages: int) -> None:
         self.max_log_pages = max_log_pages
         self.watched = False  # a checkpoint thread keeps the gate
-        self.checkpointing = False
-        self.log_pages = 0
+        self.disk = threading.Lock()
+        self.log_pages = max_log_pages  # unknown until a checkpoint says
         # Checkpoints that completed (counted from 1: a new log is synced when first
         # written too), and of those, how many had been when the last commit began: that
         # commit restarted the log if it had to.
         self.completed = 1
         self.restarted = 0
+        self._outside = 0  # writes of other connections under way
+        self._outside_lock = threading.Lock()
 
     def open(self) -> bool:
         return (
             self.watched
-            and not self.checkpointing
+            and not self._outside
             and self.restarted == self.completed
             and self.log_pages < self.max_log_pages
         )
 
-    def checkpointed(self, log_pages: int, copied: int) -> None:
-        """A checkpoint returned (on the checkpoint thread): ``log_pages`` in the log,
-        ``copied`` of them in the database now."""
+    def checkpointed(self, busy: int, log_pages: int, copied: int) -> None:
+        """What a checkpoint returned (on the checkpoint thread): whether another
+        connection was checkpointing, the pages in the log, and how many of them are in
+        the database now (-1 each when unknown)."""
+        if busy or log_pages < 0:
+            self.log_pages = self.max_log_pages  # unknown: shut until the next one says
+            return
         self.log_pages = log_pages
         if log_pages > 0 and copied == log_pages:
             self.completed += 1  # the next commit restarts the log
-        self.checkpointing = False
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Around writes of other connections (a prune, from a thread of its own): they
+        hold SQLite's write lock, grow the log and may checkpoint it."""
+        with self._outside_lock:
+            self._outside += 1
+        try:
+            yield
+        finally:
+            with self._outside_lock:
+                self._outside -= 1
+                self.log_pages = self.max_log_pages
 
 
 @dataclass
@@ -366,11 +394,22 @@ class WriteBatcher:
         writes = _on_their_way(writes)
         if not writes:
             return
-        if self._closed or (len(writes) == 1 and self.inline.open()):
-            # A lone write while the disk is quiet (see InlineCommits), or a write after
-            # close (a timer firing during shutdown, on a connection of its own): committed
-            # here, on the loop.
-            _resolve(self._write(writes))
+        if self._closed:
+            # A write after close (a timer firing during shutdown): no thread is started
+            # again for it; it is committed here, on a connection of its own.
+            self._write_here(writes)
+            return
+        if (
+            len(writes) == 1
+            and writes[0].alone is None  # (else a duplicate is looked up, on the loop)
+            and self.inline.open()
+            and self.inline.disk.acquire(blocking=False)
+        ):
+            # A lone write while the disk is quiet: committed here (see InlineCommits).
+            try:
+                self._write_here(writes)
+            finally:
+                self.inline.disk.release()
             return
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(
@@ -379,6 +418,16 @@ class WriteBatcher:
             self._writer.start()
         self._busy, self._handed = loop, len(writes)
         self._batches.put(_Batch(writes, loop))
+
+    def _write_here(self, writes: list[_Write]) -> None:
+        """Commit the writes on the loop, and resolve their futures."""
+        try:
+            outcomes = self._write(writes)
+        except BaseException as exc:  # a bug of ours, or an interrupt: nobody waits forever
+            error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+            _resolve([(w.future, None, error) for w in writes if w.future is not None])
+            raise
+        _resolve(outcomes)
 
     def _write_batches(self) -> None:
         """The writer thread: one transaction at a time, its outcome sent to the loop (or

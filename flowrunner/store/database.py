@@ -39,7 +39,7 @@ DELETE_BUDGET_SECONDS = 0.02
 
 
 def delete_in_batches(
-    engine: Engine,
+    database: Database,
     delete_batch: Callable[[Connection, int], int],
     stop: threading.Event | None = None,
     first_batch: int = 10,
@@ -47,7 +47,18 @@ def delete_in_batches(
     """Delete in short transactions until done or ``stop`` is set; how many rows went.
     ``delete_batch(conn, n)`` deletes up to ``n`` rows and says how many it deleted; ``n``
     follows what a transaction took, to stay near ``DELETE_BUDGET_SECONDS`` (rows of very
-    different sizes can make one transaction take several times that)."""
+    different sizes can make one transaction take several times that). Meanwhile the
+    event loop commits nothing itself (see InlineCommits)."""
+    with database.writes.inline.outside():
+        return _delete_in_batches(database.engine, delete_batch, stop, first_batch)
+
+
+def _delete_in_batches(
+    engine: Engine,
+    delete_batch: Callable[[Connection, int], int],
+    stop: threading.Event | None,
+    first_batch: int,
+) -> int:
     removed, size = 0, first_batch
     while stop is None or not stop.is_set():
         started = clock.monotonic()
@@ -104,28 +115,24 @@ class Database:
                 if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
                     continue  # nothing new in the log
                 commits, done_at = self.writes.commits, now
-                # Shut before the checkpoint begins: a commit that began after it
-                # completes would restart the log (see InlineCommits).
-                gate.checkpointing = True
-                log_pages, copied = gate.log_pages, -1  # unknown: the gate stays shut
-                try:
-                    connection = connection or self.engine.raw_connection()
-                    cursor = connection.cursor()
+                # The loop commits nothing itself meanwhile (see InlineCommits).
+                with gate.disk:
+                    busy, log_pages, copied = 1, -1, -1  # unknown, unless it says
                     try:
-                        _, log_pages, copied = cursor.execute(
-                            "PRAGMA wal_checkpoint(PASSIVE)"
-                        ).fetchone()
-                    finally:
-                        cursor.close()
-                except Exception:
-                    log.exception("checkpointing the state database failed")
-                    if connection is not None:
-                        connection.invalidate()  # the next turn opens another
-                        connection = None
-                finally:
-                    if copied < 0:
-                        gate.completed += 1  # it may have completed: as if it had
-                    gate.checkpointed(log_pages, copied)
+                        connection = connection or self.engine.raw_connection()
+                        cursor = connection.cursor()
+                        try:
+                            busy, log_pages, copied = cursor.execute(
+                                "PRAGMA wal_checkpoint(PASSIVE)"
+                            ).fetchone()
+                        finally:
+                            cursor.close()
+                    except Exception:
+                        log.exception("checkpointing the state database failed")
+                        if connection is not None:
+                            connection.invalidate()  # the next turn opens another
+                            connection = None
+                    gate.checkpointed(busy, log_pages, copied)
             gate.watched = False
             if connection is not None:
                 connection.close()

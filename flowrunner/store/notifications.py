@@ -44,6 +44,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 class NotificationStore:
     def __init__(self, database: Database) -> None:
+        self.database = database
         self.engine = database.engine
 
     # ------------------------------------------------------------ reminders
@@ -165,7 +166,7 @@ class NotificationStore:
             )
             return int(conn.execute(delete(outbox).where(outbox.c.id.in_(oldest))).rowcount or 0)
 
-        return delete_in_batches(self.engine, delete_batch, stop)
+        return delete_in_batches(self.database, delete_batch, stop)
 
     # ------------------------------------------------------------ alert state
 

@@ -79,6 +79,7 @@ _UNFINISHED = ("running", "queued")
 
 class RunHistory:
     def __init__(self, database: Database) -> None:
+        self.database = database
         self.engine = database.engine
         self.writes = database.writes
         self._companions: dict[str, tuple[list[Row], Deferred | None]] = {}
@@ -192,7 +193,7 @@ class RunHistory:
             conn.execute(delete(run_steps).where(run_steps.c.run_id.in_(oldest)))
             return int(conn.execute(delete(runs).where(runs.c.id.in_(oldest))).rowcount or 0)
 
-        return delete_in_batches(self.engine, delete_batch, stop, first_batch)
+        return delete_in_batches(self.database, delete_batch, stop, first_batch)
 
     def delete_run(self, run_id: str) -> None:
         with self.engine.begin() as conn:

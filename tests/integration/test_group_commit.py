@@ -16,7 +16,7 @@ from sqlalchemy import JSON, DateTime, event
 
 from flowrunner.events import EventBus, RunEvent
 from flowrunner.history import HistoryRecorder
-from flowrunner.store.batch import _Prepared
+from flowrunner.store.batch import InlineCommits, _Prepared
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
@@ -575,13 +575,22 @@ async def write_runs(history: RunHistory, names: list[str]) -> None:
         await history.write_finished(finished(name), started_written=False)
 
 
+def watch_quietly(database: Database) -> InlineCommits:
+    """The checkpoint thread watching, and (as its last checkpoint said) a small log not
+    all copied yet: nothing that makes the next commit wait for the disk."""
+    database.checkpoint_in_background(every=3600)  # no checkpoint during the test
+    gate = database.writes.inline
+    gate.checkpointed(busy=0, log_pages=5, copied=3)
+    return gate
+
+
 async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
     database: Database,
 ) -> None:
     """With the checkpoint thread watching the log, a lone write skips the hand-off to the
     writer thread; the first still goes there (a new log is synced when first written)."""
     threads = commit_threads(database)
-    database.checkpoint_in_background(every=3600)  # watching, no checkpoint in this test
+    watch_quietly(database)
     history = RunHistory(database)
     await write_runs(history, ["a", "b", "c"])
     assert threads == ["state-writer", "MainThread", "MainThread"]
@@ -590,6 +599,10 @@ async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
         history.write_finished(finished("e"), started_written=False),
     )
     assert threads[3:] == ["state-writer"]
+    # A write that looks a duplicate up when it fails does so on the writer thread.
+    queue = RunQueue(database, TokenCipher.from_passphrase("k"), node="n1")
+    await queue.enqueue(queued("f"), Dedupe("webhook:flow", "delivery-1", timedelta(hours=1)))
+    assert threads[4:] == ["state-writer"]
     database.close()
     assert sorted(rows(database, "SELECT id FROM runs")) == [(n,) for n in "abcde"]
 
@@ -607,31 +620,99 @@ async def test_without_the_checkpoint_thread_every_commit_is_the_writer_thread_s
 
 @pytest.mark.parametrize(
     "what_the_checkpoint_thread_saw",
-    ["a checkpoint running", "a checkpoint that completed", "a large log"],
+    [
+        "a checkpoint running",
+        "a checkpoint that completed",
+        "a large log",
+        "another connection checkpointing",
+    ],
 )
 async def test_a_commit_that_may_wait_for_the_disk_is_left_to_the_writer_thread(
     database: Database, what_the_checkpoint_thread_saw: str
 ) -> None:
     """While a checkpoint runs, after one completed (the next commit restarts the log and
-    syncs it) and while the log is near the size at which a commit checkpoints, the loop
-    hands its write off; once the writer thread has committed, the loop commits again."""
+    syncs it), while the log is near the size at which a commit checkpoints and while its
+    state is unknown, the loop hands its write off; once the writer thread has committed
+    after a completed checkpoint, the loop commits again."""
     threads = commit_threads(database)
-    database.checkpoint_in_background(every=3600)
+    gate = watch_quietly(database)
     history = RunHistory(database)
     await write_runs(history, ["first", "quiet"])
-    gate = database.writes.inline
     if what_the_checkpoint_thread_saw == "a checkpoint running":
-        gate.checkpointing = True
+        gate.disk.acquire()
     elif what_the_checkpoint_thread_saw == "a checkpoint that completed":
-        gate.checkpointed(log_pages=12, copied=12)
+        gate.checkpointed(busy=0, log_pages=12, copied=12)
+    elif what_the_checkpoint_thread_saw == "a large log":
+        gate.checkpointed(busy=0, log_pages=gate.max_log_pages, copied=100)
     else:
-        gate.checkpointed(log_pages=gate.max_log_pages, copied=100)
+        gate.checkpointed(busy=1, log_pages=-1, copied=-1)
     await write_runs(history, ["waits"])
     assert threads[1:] == ["MainThread", "state-writer"]
+    if what_the_checkpoint_thread_saw == "a checkpoint running":
+        gate.disk.release()
     if what_the_checkpoint_thread_saw == "a checkpoint that completed":
         await write_runs(history, ["after"])
         assert threads[3:] == ["MainThread"]
     database.close()
+
+
+async def test_while_another_connection_writes_the_loop_leaves_its_commits_to_the_thread(
+    database: Database,
+) -> None:
+    """A prune holds SQLite's write lock in its transactions and grows the log: during it,
+    and after it until a checkpoint has looked at the log again, the loop hands off."""
+    threads = commit_threads(database)
+    gate = watch_quietly(database)
+    history = RunHistory(database)
+    await write_runs(history, ["first", "quiet"])
+    with gate.outside():  # as a prune's transactions are, from its thread
+        assert not gate.open()
+        await write_runs(history, ["during"])
+    assert await asyncio.to_thread(history.prune, datetime.now(UTC) + timedelta(days=1)) == 3
+    await write_runs(history, ["after"])
+    gate.checkpointed(busy=0, log_pages=5, copied=3)
+    await write_runs(history, ["looked-at"])
+    ours = [name for name in threads if name in ("MainThread", "state-writer")]
+    assert ours == ["state-writer", "MainThread", "state-writer", "state-writer", "MainThread"]
+    database.close()
+
+
+def wal_restarts(path: Path) -> int:
+    """The log's checkpoint sequence number, from its header: it grows by one each time
+    the log restarts."""
+    with open(path.with_name(path.name + "-wal"), "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+async def test_the_loop_never_restarts_the_log(tmp_path: Path) -> None:
+    """The commit that restarts the log after a completed checkpoint syncs it: with the
+    real checkpoint thread, the log restarts again and again over lone writes with pauses
+    between them, and never in a commit on the loop."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
+    database.checkpoint_in_background(every=0.005)
+    batcher = database.writes
+    restarts_by_thread: list[tuple[str, int]] = []
+    write = batcher._write
+
+    def observed(writes: list[Any]) -> Any:
+        before = wal_restarts(path) if path.with_name("state.db-wal").exists() else 0
+        outcomes = write(writes)
+        restarted = wal_restarts(path) - before
+        restarts_by_thread.append((threading.current_thread().name, restarted))
+        return outcomes
+
+    batcher._write = observed  # type: ignore[method-assign]
+    history = RunHistory(database)
+    for n in range(150):
+        await history.write_finished(finished(f"run-{n:03d}"), started_written=False)
+        await asyncio.sleep(0.002 if n % 3 else 0.02)  # now and then, time to checkpoint
+    database.close()
+    on_the_loop = [r for name, r in restarts_by_thread if name == "MainThread"]
+    on_the_thread = [r for name, r in restarts_by_thread if name != "MainThread"]
+    assert on_the_loop, "no commit on the loop: nothing was tested"
+    assert sum(on_the_thread) > 0, "the log never restarted: nothing was tested"
+    assert sum(on_the_loop) == 0
 
 
 def test_the_checkpoint_thread_tells_the_loop_what_it_saw_of_the_log(tmp_path: Path) -> None:
