@@ -151,8 +151,12 @@ class InlineCommits:
 
     Only the checkpoint thread sees the log, so it keeps this gate, shut:
 
-    - while it checkpoints (it holds ``disk``, which the loop takes without waiting
-      around its own commit: the two never overlap);
+    - while it checkpoints. It says so before it starts; a loop's commit that passed the
+      gate just before has its snapshot of the log microseconds later, and a checkpoint
+      completes only after syncing the log and the database, so it cannot complete in
+      between and leave that commit to restart the log. (Not a lock: the checkpoint
+      thread waiting for the loop's commit to end would start its burst of copying right
+      as the loop finishes its answer.)
     - after a checkpoint that completed, until a commit begun after it (the writer
       thread's) has restarted the log;
     - while the log is large, and when its size is unknown: another connection was
@@ -167,7 +171,7 @@ class InlineCommits:
     def __init__(self, max_log_pages: int) -> None:
         self.max_log_pages = max_log_pages
         self.watched = False  # a checkpoint thread keeps the gate
-        self.disk = threading.Lock()
+        self.checkpointing = False
         self.log_pages = max_log_pages  # unknown until a checkpoint says
         # Checkpoints that completed (counted from 1: a new log is synced when first
         # written too), and of those, how many had been when the last commit began: that
@@ -180,6 +184,7 @@ class InlineCommits:
     def open(self) -> bool:
         return (
             self.watched
+            and not self.checkpointing
             and not self._outside
             and self.restarted == self.completed
             and self.log_pages < self.max_log_pages
@@ -191,10 +196,11 @@ class InlineCommits:
         the database now (-1 each when unknown)."""
         if busy or log_pages < 0:
             self.log_pages = self.max_log_pages  # unknown: shut until the next one says
-            return
-        self.log_pages = log_pages
-        if log_pages > 0 and copied == log_pages:
-            self.completed += 1  # the next commit restarts the log
+        else:
+            self.log_pages = log_pages
+            if log_pages > 0 and copied == log_pages:
+                self.completed += 1  # the next commit restarts the log
+        self.checkpointing = False
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
@@ -403,13 +409,9 @@ class WriteBatcher:
             len(writes) == 1
             and writes[0].alone is None  # (else a duplicate is looked up, on the loop)
             and self.inline.open()
-            and self.inline.disk.acquire(blocking=False)
         ):
             # A lone write while the disk is quiet: committed here (see InlineCommits).
-            try:
-                self._write_here(writes)
-            finally:
-                self.inline.disk.release()
+            self._write_here(writes)
             return
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(

@@ -116,22 +116,23 @@ class Database:
                     continue  # nothing new in the log
                 commits, done_at = self.writes.commits, now
                 # The loop commits nothing itself meanwhile (see InlineCommits).
-                with gate.disk:
-                    busy, log_pages, copied = 1, -1, -1  # unknown, unless it says
+                gate.checkpointing = True
+                busy, log_pages, copied = 1, -1, -1  # unknown, unless it says
+                try:
+                    connection = connection or self.engine.raw_connection()
+                    cursor = connection.cursor()
                     try:
-                        connection = connection or self.engine.raw_connection()
-                        cursor = connection.cursor()
-                        try:
-                            busy, log_pages, copied = cursor.execute(
-                                "PRAGMA wal_checkpoint(PASSIVE)"
-                            ).fetchone()
-                        finally:
-                            cursor.close()
-                    except Exception:
-                        log.exception("checkpointing the state database failed")
-                        if connection is not None:
-                            connection.invalidate()  # the next turn opens another
-                            connection = None
+                        busy, log_pages, copied = cursor.execute(
+                            "PRAGMA wal_checkpoint(PASSIVE)"
+                        ).fetchone()
+                    finally:
+                        cursor.close()
+                except Exception:
+                    log.exception("checkpointing the state database failed")
+                    if connection is not None:
+                        connection.invalidate()  # the next turn opens another
+                        connection = None
+                finally:
                     gate.checkpointed(busy, log_pages, copied)
             gate.watched = False
             if connection is not None:
