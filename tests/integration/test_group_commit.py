@@ -688,7 +688,7 @@ async def test_the_loop_never_restarts_the_log(tmp_path: Path) -> None:
     between them, and never in a commit on the loop."""
     path = tmp_path / "state.db"
     database = Database.open(f"sqlite:///{path}")
-    database.checkpoint_in_background(every=0.025)  # every 10 ms: one write a commit
+    database.checkpoint_in_background(every=0.005)
     batcher = database.writes
     restarts_by_thread: list[tuple[str, int]] = []
     write = batcher._write
@@ -704,14 +704,13 @@ async def test_the_loop_never_restarts_the_log(tmp_path: Path) -> None:
     history = RunHistory(database)
     for n in range(150):
         await history.write_finished(finished(f"run-{n:03d}"), started_written=False)
-        await asyncio.sleep(0.002 if n % 3 else 0.03)  # now and then, time to checkpoint
+        await asyncio.sleep(0.002 if n % 3 else 0.02)  # now and then, time to checkpoint
     database.close()
     on_the_loop = [r for name, r in restarts_by_thread if name == "MainThread"]
     on_the_thread = [r for name, r in restarts_by_thread if name != "MainThread"]
     assert on_the_loop, "no commit on the loop: nothing was tested"
-    restarts = sum(on_the_loop) + sum(on_the_thread)
-    assert restarts > 0, "the log never restarted: nothing was tested"
-    assert sum(on_the_loop) == 0, f"{sum(on_the_loop)} of {restarts} restarts on the loop"
+    assert sum(on_the_thread) > 0, "the log never restarted: nothing was tested"
+    assert sum(on_the_loop) == 0
 
 
 def test_the_checkpoint_thread_tells_the_loop_what_it_saw_of_the_log(tmp_path: Path) -> None:
