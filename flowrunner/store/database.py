@@ -31,11 +31,6 @@ AUTOCHECKPOINT_PAGES = 10_000
 # checkpoints at least every IDLE_CHECKPOINT_SECONDS (for writes outside the batcher).
 CHECKPOINT_SECONDS = 0.05
 IDLE_CHECKPOINT_SECONDS = 1.0
-# Under a light load (about one write a commit: the webhooks come one at a time) each
-# checkpoint's burst lands on a request that waits for nothing else, so they come more
-# often and smaller: W1's one-client p99 4.0 against 7.8 ms at 0.02 and 0.05 s (twelve
-# alternating rounds), for 1% more CPU. Under load they would cost 5% of the CPU.
-LIGHT_LOAD_CHECKPOINT_SHARE = 0.4
 
 
 # Each transaction of a long delete (pruning the history) aims at this long: the server's
@@ -111,18 +106,15 @@ class Database:
         gate = self.writes.inline
 
         def checkpoint() -> None:
-            done_at, commits, written = clock.monotonic(), -1, 0
-            interval = every
+            done_at, commits = clock.monotonic(), -1
             # A connection of the thread's own, kept: taking one from the pool at each
             # turn cost a tenth of the checkpoint.
             connection: PoolProxiedConnection | None = None
-            while not stop.wait(interval):
+            while not stop.wait(every):
                 now = clock.monotonic()
                 if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
                     continue  # nothing new in the log
-                light = self.writes.written - written <= 1.5 * (self.writes.commits - commits)
-                interval = every * LIGHT_LOAD_CHECKPOINT_SHARE if light else every
-                commits, written, done_at = self.writes.commits, self.writes.written, now
+                commits, done_at = self.writes.commits, now
                 # The loop commits nothing itself meanwhile (see InlineCommits).
                 gate.checkpointing = True
                 busy, log_pages, copied = 1, -1, -1  # unknown, unless it says

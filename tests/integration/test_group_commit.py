@@ -709,8 +709,9 @@ async def test_the_loop_never_restarts_the_log(tmp_path: Path) -> None:
     on_the_loop = [r for name, r in restarts_by_thread if name == "MainThread"]
     on_the_thread = [r for name, r in restarts_by_thread if name != "MainThread"]
     assert on_the_loop, "no commit on the loop: nothing was tested"
-    assert sum(on_the_thread) > 0, "the log never restarted: nothing was tested"
-    assert sum(on_the_loop) == 0
+    restarts = sum(on_the_loop) + sum(on_the_thread)
+    assert restarts > 0, "the log never restarted: nothing was tested"
+    assert sum(on_the_loop) == 0, f"{sum(on_the_loop)} of {restarts} restarts on the loop"
 
 
 def test_the_checkpoint_thread_tells_the_loop_what_it_saw_of_the_log(tmp_path: Path) -> None:
@@ -733,44 +734,3 @@ def test_the_checkpoint_thread_tells_the_loop_what_it_saw_of_the_log(tmp_path: P
     assert not gate.open()  # the next commit restarts the log: not the loop's
     database.close()
     assert not gate.watched
-
-
-async def count_checkpoints(tmp_path: Path, name: str, together: int) -> int:
-    """Checkpoints the background thread (every 0.1 s) made over 0.8 s of writes
-    submitted ``together`` at a time."""
-    database = Database.open(f"sqlite:///{tmp_path / name}")
-    gate = database.writes.inline
-    turns: list[int] = []
-    checkpointed = gate.checkpointed
-
-    def counted(busy: int, log_pages: int, copied: int) -> None:
-        turns.append(log_pages)
-        checkpointed(busy, log_pages, copied)
-
-    gate.checkpointed = counted  # type: ignore[method-assign]
-    database.checkpoint_in_background(every=0.1)
-    history = RunHistory(database)
-    started, n = time.monotonic(), 0
-    while time.monotonic() - started < 0.8:
-        await asyncio.gather(
-            *(
-                history.write_finished(finished(f"run-{n}-{k}"), started_written=False)
-                for k in range(together)
-            )
-        )
-        n += 1
-        await asyncio.sleep(0.005)
-    database.close()
-    return len(turns)
-
-
-async def test_checkpoints_come_more_often_when_writes_come_one_at_a_time(
-    tmp_path: Path,
-) -> None:
-    """One write a commit (webhooks one at a time): each checkpoint's burst of copying
-    delays a request that waits for nothing else, so they come smaller and more often;
-    under load (many writes a commit) at the usual pace, which costs less CPU."""
-    alone = await count_checkpoints(tmp_path, "alone.db", together=1)
-    shared = await count_checkpoints(tmp_path, "shared.db", together=8)
-    assert shared <= 10  # 0.8 s at one every 0.1 s (and a first one)
-    assert alone >= 1.5 * shared
