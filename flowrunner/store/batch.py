@@ -115,6 +115,12 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             future.set_exception(error)
 
 
+def _all_failed(writes: list[_Write], exc: BaseException) -> list[_Outcome]:
+    """Every waiting write given the error (an exception, for what is not one)."""
+    error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+    return [(write.future, None, error) for write in writes if write.future is not None]
+
+
 def _on_their_way(writes: list[_Write]) -> list[_Write]:
     """The writes are on their way to the disk (on the event loop's thread): no deferred
     one waits for its delay any more, and each has its rows. A write whose rows cannot be
@@ -426,8 +432,7 @@ class WriteBatcher:
         try:
             outcomes = self._write(writes)
         except BaseException as exc:  # a bug of ours, or an interrupt: nobody waits forever
-            error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
-            _resolve([(w.future, None, error) for w in writes if w.future is not None])
+            _resolve(_all_failed(writes, exc))
             raise
         _resolve(outcomes)
 
@@ -439,8 +444,7 @@ class WriteBatcher:
                 batch.outcomes = self._write(batch.writes)
             except BaseException as exc:  # a bug of ours: every waiting write hears of it
                 log.exception("the state store's writer failed")
-                error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
-                batch.outcomes = [(w.future, None, error) for w in batch.writes if w.future]
+                batch.outcomes = _all_failed(batch.writes, exc)
             if batch.done is not None:
                 batch.done.set()
             elif batch.loop is not None:

@@ -29,16 +29,19 @@ def database(tmp_path: Path) -> Database:
 
 
 def count_commits(database: Database) -> list[str]:
-    """The COMMITs SQLite runs from now on, on any connection the engine hands out."""
-    commits: list[str] = []
+    """The COMMITs SQLite runs from now on, on any connection the engine hands out: the
+    name of the thread that ran each."""
+    threads: list[str] = []
 
     def trace(dbapi_connection: Any, *_: Any) -> None:
-        dbapi_connection.set_trace_callback(
-            lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
-        )
+        def on_sql(sql: str) -> None:
+            if sql.strip().upper() == "COMMIT":
+                threads.append(threading.current_thread().name)
+
+        dbapi_connection.set_trace_callback(on_sql)
 
     event.listen(database.engine, "checkout", trace)
-    return commits
+    return threads
 
 
 def rows(database: Database, sql: str) -> list[tuple[Any, ...]]:
@@ -555,21 +558,6 @@ def test_the_quick_bind_processors_write_what_sqlalchemy_writes(
     database.close()
 
 
-def commit_threads(database: Database) -> list[str]:
-    """The thread of each COMMIT SQLite runs from now on."""
-    threads: list[str] = []
-
-    def trace(dbapi_connection: Any, *_: Any) -> None:
-        def on_sql(sql: str) -> None:
-            if sql.strip().upper() == "COMMIT":
-                threads.append(threading.current_thread().name)
-
-        dbapi_connection.set_trace_callback(on_sql)
-
-    event.listen(database.engine, "checkout", trace)
-    return threads
-
-
 async def write_runs(history: RunHistory, names: list[str]) -> None:
     for name in names:  # one at a time: each a lone write
         await history.write_finished(finished(name), started_written=False)
@@ -589,7 +577,7 @@ async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
 ) -> None:
     """With the checkpoint thread watching the log, a lone write skips the hand-off to the
     writer thread; the first still goes there (a new log is synced when first written)."""
-    threads = commit_threads(database)
+    threads = count_commits(database)
     watch_quietly(database)
     history = RunHistory(database)
     await write_runs(history, ["a", "b", "c"])
@@ -612,7 +600,7 @@ async def test_without_the_checkpoint_thread_every_commit_is_the_writer_thread_s
 ) -> None:
     """A short command (no checkpoint thread) knows nothing of the log: the loop never
     commits itself."""
-    threads = commit_threads(database)
+    threads = count_commits(database)
     await write_runs(RunHistory(database), ["a", "b", "c"])
     assert threads == ["state-writer"] * 3
     database.close()
@@ -634,7 +622,7 @@ async def test_a_commit_that_may_wait_for_the_disk_is_left_to_the_writer_thread(
     syncs it), while the log is near the size at which a commit checkpoints and while its
     state is unknown, the loop hands its write off; once the writer thread has committed
     after a completed checkpoint, the loop commits again."""
-    threads = commit_threads(database)
+    threads = count_commits(database)
     gate = watch_quietly(database)
     history = RunHistory(database)
     await write_runs(history, ["first", "quiet"])
@@ -659,7 +647,7 @@ async def test_while_another_connection_writes_the_loop_leaves_its_commits_to_th
 ) -> None:
     """A prune holds SQLite's write lock in its transactions and grows the log: during it,
     and after it until a checkpoint has looked at the log again, the loop hands off."""
-    threads = commit_threads(database)
+    threads = count_commits(database)
     gate = watch_quietly(database)
     history = RunHistory(database)
     await write_runs(history, ["first", "quiet"])
