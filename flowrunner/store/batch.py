@@ -36,6 +36,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import Executable, sqltypes
 from sqlalchemy.types import TypeEngine
 
+from flowrunner.store.wal import LogIndex
+
 log = logging.getLogger("flowrunner.store")
 
 # The order in which statements of one batch run: inserts, then updates of rows that may
@@ -151,67 +153,47 @@ class InlineCommits:
     less CPU a webhook, and half the thread switches. But some commits wait for the disk,
     and those must not be the loop's:
 
-    - the first commit after a complete checkpoint restarts the log, and syncs it;
-    - past ``wal_autocheckpoint`` pages, a commit checkpoints;
+    - the first commit after a checkpoint that copied the whole log restarts the log, and
+      syncs it;
+    - past ``wal_autocheckpoint`` frames, a commit checkpoints;
     - while another connection writes (a prune), a commit waits for its lock.
 
-    Only the checkpoint thread sees the log, so it keeps this gate, shut:
+    So the loop commits only while it can read the log's index (a SQLite file, with the
+    checkpoint thread keeping a connection to it: ``log``) and no other connection writes
+    (``outside``); and then only if, once its transaction holds SQLite's write lock, the
+    log is neither all copied nor near the checkpoint size (``log_quiet``); else it rolls
+    back and hands the write off. That look is exact: under the write lock no other commit
+    changes the log, and a checkpoint only copies more of it. If the log was all copied
+    when the transaction began (the case in which its commit restarts the log), it still
+    is; if it is not all copied now, this commit does not restart it. A checkpoint running
+    meanwhile does not matter: it never makes a commit wait."""
 
-    - while it checkpoints. It says so before it starts; a loop's commit that passed the
-      gate just before has its snapshot of the log microseconds later, and a checkpoint
-      completes only after syncing the log and the database, so it cannot complete in
-      between and leave that commit to restart the log. (Not a lock: the checkpoint
-      thread waiting for the loop's commit to end would start its burst of copying right
-      as the loop finishes its answer.)
-    - after a checkpoint that completed, until a commit begun after it (the writer
-      thread's) has restarted the log;
-    - while the log is large, and when its size is unknown: another connection was
-      checkpointing, a checkpoint failed, or a write outside the batcher ran (see
-      ``outside``), until the next checkpoint says;
-    - unless the checkpoint thread runs (not SQLite, or a short command).
-
-    The fields are plain attributes read and set under the GIL: the checkpoint thread
-    sets what it saw of the log, and whoever commits (under the batcher's transaction
-    lock) sets ``restarted``."""
-
-    def __init__(self, max_log_pages: int) -> None:
-        self.max_log_pages = max_log_pages
-        self.watched = False  # a checkpoint thread keeps the gate
-        self.checkpointing = False
-        self.log_pages = max_log_pages  # unknown until a checkpoint says
-        # Checkpoints that completed (counted from 1: a new log is synced when first
-        # written too), and of those, how many had been when the last commit began: that
-        # commit restarted the log if it had to.
-        self.completed = 1
-        self.restarted = 0
+    def __init__(self, max_log_frames: int) -> None:
+        self.max_log_frames = max_log_frames
+        self.log: LogIndex | None = None  # set while the checkpoint thread runs
         self._outside = 0  # writes of other connections under way
         self._outside_lock = threading.Lock()
 
     def open(self) -> bool:
-        return (
-            self.watched
-            and not self.checkpointing
-            and not self._outside
-            and self.restarted == self.completed
-            and self.log_pages < self.max_log_pages
-        )
+        return self.log is not None and not self._outside
 
-    def checkpointed(self, busy: int, log_pages: int, copied: int) -> None:
-        """What a checkpoint returned (on the checkpoint thread): whether another
-        connection was checkpointing, the pages in the log, and how many of them are in
-        the database now (-1 each when unknown)."""
-        if busy or log_pages < 0:
-            self.log_pages = self.max_log_pages  # unknown: shut until the next one says
-        else:
-            self.log_pages = log_pages
-            if log_pages > 0 and copied == log_pages:
-                self.completed += 1  # the next commit restarts the log
-        self.checkpointing = False
+    def log_quiet(self) -> bool:
+        """Inside a transaction that holds the write lock: whether its commit neither
+        restarts nor checkpoints the log."""
+        log = self.log
+        try:
+            frames = log.frames() if log is not None else None
+        except ValueError:  # closed meanwhile (shutdown)
+            return False
+        if frames is None:
+            return False
+        in_log, copied = frames
+        return copied < in_log < self.max_log_frames
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
         """Around writes of other connections (a prune, from a thread of its own): they
-        hold SQLite's write lock, grow the log and may checkpoint it."""
+        hold SQLite's write lock, and a commit on the loop would wait for it."""
         with self._outside_lock:
             self._outside += 1
         try:
@@ -219,7 +201,6 @@ class InlineCommits:
         finally:
             with self._outside_lock:
                 self._outside -= 1
-                self.log_pages = self.max_log_pages
 
 
 @dataclass
@@ -308,9 +289,9 @@ def _datetime_text(process: Callable[[Any], Any], value: Any) -> Any:
 
 
 class WriteBatcher:
-    def __init__(self, engine: Engine, max_inline_log_pages: int = 0) -> None:
+    def __init__(self, engine: Engine, max_inline_log_frames: int = 0) -> None:
         self.engine = engine
-        self.inline = InlineCommits(max_inline_log_pages)
+        self.inline = InlineCommits(max_inline_log_frames)
         self._pending: list[_Write] = []
         self._scheduled: asyncio.Handle | None = None
         self._prepared: dict[tuple[Executable, tuple[str, ...]], _Prepared] = {}
@@ -415,10 +396,9 @@ class WriteBatcher:
             len(writes) == 1
             and writes[0].alone is None  # (else a duplicate is looked up, on the loop)
             and self.inline.open()
+            and self._commit_here(writes[0])
         ):
-            # A lone write while the disk is quiet: committed here (see InlineCommits).
-            self._write_here(writes)
-            return
+            return  # a lone write while the disk is quiet (see InlineCommits)
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(
                 target=self._write_batches, name="state-writer", daemon=True
@@ -435,6 +415,23 @@ class WriteBatcher:
             _resolve(_all_failed(writes, exc))
             raise
         _resolve(outcomes)
+
+    def _commit_here(self, write: _Write) -> bool:
+        """Commit a lone write on the loop, if its commit cannot wait for the disk. False
+        if it was not committed: the log was about to restart or to be checkpointed, or
+        the commit failed (the writer thread tries it again, and retries it alone)."""
+        try:
+            if not self._commit(write.rows, only_if_quiet=True):
+                return False
+        except Exception:
+            return False
+        except BaseException as exc:  # an interrupt: nobody waits forever
+            _resolve(_all_failed([write], exc))
+            raise
+        self._count(written=1)
+        if write.future is not None:
+            _resolve([(write.future, None, None)])
+        return True
 
     def _write_batches(self) -> None:
         """The writer thread: one transaction at a time, its outcome sent to the loop (or
@@ -523,9 +520,11 @@ class WriteBatcher:
             if connection is not None:
                 connection.close()
 
-    def _commit(self, rows: Sequence[Row]) -> None:
+    def _commit(self, rows: Sequence[Row], only_if_quiet: bool = False) -> bool:
         """One transaction: one ``executemany`` per statement, in the rows' order (INSERT
-        before UPDATE before DELETE), on a connection kept for these writes.
+        before UPDATE before DELETE), on a connection kept for these writes. With
+        ``only_if_quiet`` (on the loop), rolled back instead of committed if the commit
+        would restart or checkpoint the log (see InlineCommits): False then.
 
         It is the driver's connection, under SQLAlchemy's pool but not its Connection: a
         transaction through SQLAlchemy costs about as much again as SQLite's own work. The
@@ -535,7 +534,6 @@ class WriteBatcher:
         for order, statement, row in rows:
             groups.setdefault((order, statement), []).append(row)
         with self._lock:
-            completed = self.inline.completed
             connection = self._connection or self._connect()
             try:
                 cursor = connection.cursor()
@@ -546,8 +544,10 @@ class WriteBatcher:
                         cursor.executemany(prepared.sql, params)
                 finally:
                     cursor.close()
+                if only_if_quiet and not self.inline.log_quiet():
+                    self._rollback(connection)
+                    return False
                 connection.commit()
-                self.inline.restarted = completed
                 self._count(commits=1)
             except BaseException:
                 self._rollback(connection)
@@ -556,6 +556,7 @@ class WriteBatcher:
                 if self._closed and self._connection is not None:
                     self._connection = None
                     connection.close()
+        return True
 
     def _connect(self) -> PoolProxiedConnection:
         self._connection = self.engine.raw_connection()

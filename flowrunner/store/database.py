@@ -17,6 +17,7 @@ from flowrunner import jsontext
 from flowrunner.errors import ConfigurationError
 from flowrunner.store.batch import WriteBatcher
 from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
+from flowrunner.store.wal import LogIndex
 
 log = logging.getLogger("flowrunner.store")
 STATE_DIR = ".flowrunner"
@@ -89,60 +90,75 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         # The loop may commit itself while the log is well under the size at which a
-        # commit checkpoints (see InlineCommits): lone writes add a few hundred pages to
-        # it between two turns of the checkpoint thread.
-        self.writes = WriteBatcher(engine, max_inline_log_pages=AUTOCHECKPOINT_PAGES * 9 // 10)
+        # commit checkpoints (see InlineCommits): a lone write adds a handful of pages.
+        self.writes = WriteBatcher(engine, max_inline_log_frames=AUTOCHECKPOINT_PAGES * 9 // 10)
         self._checkpoints: threading.Event | None = None
         self._checkpointer: threading.Thread | None = None
 
     def checkpoint_in_background(self, every: float = CHECKPOINT_SECONDS) -> None:
         """SQLite: copy the write-ahead log into the database from a thread, every
         ``every`` seconds, so that no commit on the event loop has to (a long-running
-        process calls this; short commands never fill the log)."""
-        if self.engine.dialect.name != "sqlite" or self._checkpoints is not None:
+        process calls this; short commands never fill the log). Meanwhile the loop may
+        commit lone writes itself (see InlineCommits): the thread's connection keeps the
+        log's index there to read."""
+        path = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not path or path == ":memory:":
+            return
+        if self._checkpoints is not None:
             return
         stop = self._checkpoints = threading.Event()
-
         gate = self.writes.inline
+        opened = threading.Event()
+
+        def connect() -> PoolProxiedConnection:
+            # While the thread's connection is open, the log's index stays the file the
+            # loop reads: SQLite removes it only when the last connection closes.
+            connection = self.engine.raw_connection()
+            gate.log = LogIndex(Path(path))
+            return connection
+
+        def forget_log() -> None:
+            log_index, gate.log = gate.log, None
+            if log_index is not None:
+                log_index.close()
 
         def checkpoint() -> None:
             done_at, commits = clock.monotonic(), -1
             # A connection of the thread's own, kept: taking one from the pool at each
             # turn cost a tenth of the checkpoint.
             connection: PoolProxiedConnection | None = None
+            try:
+                connection = connect()
+            except Exception:
+                log.exception("opening the state database to checkpoint it failed")
+            opened.set()
             while not stop.wait(every):
                 now = clock.monotonic()
                 if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
                     continue  # nothing new in the log
                 commits, done_at = self.writes.commits, now
-                # The loop commits nothing itself meanwhile (see InlineCommits).
-                gate.checkpointing = True
-                busy, log_pages, copied = 1, -1, -1  # unknown, unless it says
                 try:
-                    connection = connection or self.engine.raw_connection()
+                    connection = connection or connect()
                     cursor = connection.cursor()
                     try:
-                        busy, log_pages, copied = cursor.execute(
-                            "PRAGMA wal_checkpoint(PASSIVE)"
-                        ).fetchone()
+                        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     finally:
                         cursor.close()
                 except Exception:
                     log.exception("checkpointing the state database failed")
+                    forget_log()
                     if connection is not None:
                         connection.invalidate()  # the next turn opens another
                         connection = None
-                finally:
-                    gate.checkpointed(busy, log_pages, copied)
-            gate.watched = False
+            forget_log()
             if connection is not None:
                 connection.close()
 
         self._checkpointer = threading.Thread(
             target=checkpoint, name="state-checkpoint", daemon=True
         )
-        gate.watched = True
         self._checkpointer.start()
+        opened.wait(timeout=5)
 
     @classmethod
     def open(cls, url: str) -> Database:

@@ -21,6 +21,7 @@ from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
 from flowrunner.store.runs import _INSERT_RUN, RunHistory, RunRecord, StepRecord, finished_rows
+from flowrunner.store.wal import LogIndex
 
 
 @pytest.fixture
@@ -563,25 +564,40 @@ async def write_runs(history: RunHistory, names: list[str]) -> None:
         await history.write_finished(finished(name), started_written=False)
 
 
-def watch_quietly(database: Database) -> InlineCommits:
-    """The checkpoint thread watching, and (as its last checkpoint said) a small log not
-    all copied yet: nothing that makes the next commit wait for the disk."""
-    database.checkpoint_in_background(every=3600)  # no checkpoint during the test
+def watch(database: Database) -> InlineCommits:
+    """The checkpoint thread running (it keeps the log's index readable for the gate), but
+    checkpointing nothing during the test."""
+    database.checkpoint_in_background(every=3600)
     gate = database.writes.inline
-    gate.checkpointed(busy=0, log_pages=5, copied=3)
+    assert gate.log is not None
     return gate
+
+
+def checkpoint_all(database: Database) -> None:
+    """A checkpoint from another connection that copies the whole log: the next commit
+    restarts the log, and syncs it."""
+    with sqlite3.connect(str(database.engine.url.database)) as conn:
+        busy, in_log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and copied == in_log > 0
+
+
+def wal_restarts(path: Path) -> int:
+    """The log's checkpoint sequence number, from its header: it grows by one each time
+    the log restarts."""
+    with open(path.with_name(path.name + "-wal"), "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
 
 
 async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
     database: Database,
 ) -> None:
-    """With the checkpoint thread watching the log, a lone write skips the hand-off to the
-    writer thread; the first still goes there (a new log is synced when first written)."""
+    """With the checkpoint thread keeping the log's index readable, a lone write skips the
+    hand-off to the writer thread."""
     threads = count_commits(database)
-    watch_quietly(database)
+    watch(database)
     history = RunHistory(database)
     await write_runs(history, ["a", "b", "c"])
-    assert threads == ["state-writer", "MainThread", "MainThread"]
+    assert threads == ["MainThread"] * 3
     await asyncio.gather(  # submitted together: one commit, with the writer thread
         history.write_finished(finished("d"), started_written=False),
         history.write_finished(finished("e"), started_written=False),
@@ -598,7 +614,7 @@ async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
 async def test_without_the_checkpoint_thread_every_commit_is_the_writer_thread_s(
     database: Database,
 ) -> None:
-    """A short command (no checkpoint thread) knows nothing of the log: the loop never
+    """A short command (no checkpoint thread) does not read the log: the loop never
     commits itself."""
     threads = count_commits(database)
     await write_runs(RunHistory(database), ["a", "b", "c"])
@@ -606,119 +622,142 @@ async def test_without_the_checkpoint_thread_every_commit_is_the_writer_thread_s
     database.close()
 
 
-@pytest.mark.parametrize(
-    "what_the_checkpoint_thread_saw",
-    [
-        "a checkpoint running",
-        "a checkpoint that completed",
-        "a large log",
-        "another connection checkpointing",
-    ],
-)
-async def test_a_commit_that_may_wait_for_the_disk_is_left_to_the_writer_thread(
-    database: Database, what_the_checkpoint_thread_saw: str
-) -> None:
-    """While a checkpoint runs, after one completed (the next commit restarts the log and
-    syncs it), while the log is near the size at which a commit checkpoints and while its
-    state is unknown, the loop hands its write off; once the writer thread has committed
-    after a completed checkpoint, the loop commits again."""
+async def test_the_commit_that_restarts_the_log_is_the_writer_thread_s(tmp_path: Path) -> None:
+    """After a checkpoint that copied the whole log, the next commit restarts the log and
+    syncs it: the loop rolls its transaction back and hands the write off; the commit
+    after that is the loop's again. Nothing is lost or written twice."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
     threads = count_commits(database)
-    gate = watch_quietly(database)
+    watch(database)
     history = RunHistory(database)
-    await write_runs(history, ["first", "quiet"])
-    if what_the_checkpoint_thread_saw == "a checkpoint running":
-        gate.checkpointing = True
-    elif what_the_checkpoint_thread_saw == "a checkpoint that completed":
-        gate.checkpointed(busy=0, log_pages=12, copied=12)
-    elif what_the_checkpoint_thread_saw == "a large log":
-        gate.checkpointed(busy=0, log_pages=gate.max_log_pages, copied=100)
+    await write_runs(history, ["quiet"])
+    checkpoint_all(database)
+    restarts = wal_restarts(path)
+    await write_runs(history, ["restarts", "after"])
+    assert threads == ["MainThread", "state-writer", "MainThread"]
+    assert wal_restarts(path) == restarts + 1
+    database.close()
+    assert sorted(rows(database, "SELECT id FROM runs")) == [("after",), ("quiet",), ("restarts",)]
+
+
+@pytest.mark.parametrize("why", ["the log near the checkpoint size", "no index to read"])
+async def test_a_commit_that_may_wait_for_the_disk_is_left_to_the_writer_thread(
+    tmp_path: Path, why: str
+) -> None:
+    """Near ``wal_autocheckpoint`` frames a commit checkpoints; without the log's index
+    (not in WAL mode, say) the loop cannot tell: either way the writer thread commits."""
+    database = Database.open(f"sqlite:///{tmp_path / 'state.db'}")
+    threads = count_commits(database)
+    gate = watch(database)
+    history = RunHistory(database)
+    await write_runs(history, ["quiet"])
+    if why == "no index to read":
+        gate.log = LogIndex(tmp_path / "elsewhere.db")
     else:
-        gate.checkpointed(busy=1, log_pages=-1, copied=-1)
+        assert gate.log is not None
+        frames = gate.log.frames()
+        assert frames is not None
+        gate.max_log_frames = frames[0]  # the log at the limit already
     await write_runs(history, ["waits"])
-    assert threads[1:] == ["MainThread", "state-writer"]
-    if what_the_checkpoint_thread_saw == "a checkpoint that completed":
-        await write_runs(history, ["after"])
-        assert threads[3:] == ["MainThread"]
+    assert threads == ["MainThread", "state-writer"]
     database.close()
 
 
 async def test_while_another_connection_writes_the_loop_leaves_its_commits_to_the_thread(
     database: Database,
 ) -> None:
-    """A prune holds SQLite's write lock in its transactions and grows the log: during it,
-    and after it until a checkpoint has looked at the log again, the loop hands off."""
+    """A prune holds SQLite's write lock in its transactions: during it the loop hands
+    off, and after it commits itself again."""
     threads = count_commits(database)
-    gate = watch_quietly(database)
+    gate = watch(database)
     history = RunHistory(database)
-    await write_runs(history, ["first", "quiet"])
+    await write_runs(history, ["first"])
     with gate.outside():  # as a prune's transactions are, from its thread
         assert not gate.open()
         await write_runs(history, ["during"])
-    assert await asyncio.to_thread(history.prune, datetime.now(UTC) + timedelta(days=1)) == 3
+    assert await asyncio.to_thread(history.prune, datetime.now(UTC) + timedelta(days=1)) == 2
     await write_runs(history, ["after"])
-    gate.checkpointed(busy=0, log_pages=5, copied=3)
-    await write_runs(history, ["looked-at"])
     ours = [name for name in threads if name in ("MainThread", "state-writer")]
-    assert ours == ["state-writer", "MainThread", "state-writer", "state-writer", "MainThread"]
+    assert ours == ["MainThread", "state-writer", "MainThread"]
     database.close()
 
 
-def wal_restarts(path: Path) -> int:
-    """The log's checkpoint sequence number, from its header: it grows by one each time
-    the log restarts."""
-    with open(path.with_name(path.name + "-wal"), "rb") as wal:
-        return int.from_bytes(wal.read(16)[12:16], "big")
-
-
-async def test_the_loop_never_restarts_the_log(tmp_path: Path) -> None:
-    """The commit that restarts the log after a completed checkpoint syncs it: with the
-    real checkpoint thread, the log restarts again and again over lone writes with pauses
-    between them, and never in a commit on the loop."""
+@pytest.mark.parametrize("checkpoints", ["the checkpoint thread's", "another connection's"])
+async def test_the_loop_never_restarts_the_log(tmp_path: Path, checkpoints: str) -> None:
+    """The commit that restarts the log after a complete checkpoint syncs it: with
+    checkpoints completing again and again during lone writes, from the real checkpoint
+    thread or from another connection in a tight loop, the log restarts many times, and
+    never in a commit on the loop."""
     path = tmp_path / "state.db"
     database = Database.open(f"sqlite:///{path}")
-    database.checkpoint_in_background(every=0.005)
+    database.checkpoint_in_background(every=0.005 if checkpoints.startswith("the") else 3600)
+    stop = threading.Event()
+
+    def checkpoint_without_pause() -> None:
+        with sqlite3.connect(path) as conn:
+            while not stop.is_set():
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    checkpointer = threading.Thread(target=checkpoint_without_pause)
+    if checkpoints == "another connection's":
+        checkpointer.start()
     batcher = database.writes
     restarts_by_thread: list[tuple[str, int]] = []
-    write = batcher._write
+    commit = batcher._commit
 
-    def observed(writes: list[Any]) -> Any:
-        before = wal_restarts(path) if path.with_name("state.db-wal").exists() else 0
-        outcomes = write(writes)
-        restarted = wal_restarts(path) - before
-        restarts_by_thread.append((threading.current_thread().name, restarted))
-        return outcomes
+    def observed(rows: Any, only_if_quiet: bool = False) -> bool:
+        before = wal_restarts(path)
+        committed = commit(rows, only_if_quiet)
+        restarts_by_thread.append((threading.current_thread().name, wal_restarts(path) - before))
+        return committed
 
-    batcher._write = observed  # type: ignore[method-assign]
+    batcher._commit = observed  # type: ignore[method-assign]
     history = RunHistory(database)
-    for n in range(150):
-        await history.write_finished(finished(f"run-{n:03d}"), started_written=False)
-        await asyncio.sleep(0.002 if n % 3 else 0.02)  # now and then, time to checkpoint
+    try:
+        for n in range(150):
+            await history.write_finished(finished(f"run-{n:03d}"), started_written=False)
+            await asyncio.sleep(0.002 if n % 3 else 0.02)  # now and then, time to checkpoint
+    finally:
+        stop.set()
+        if checkpointer.is_alive():
+            checkpointer.join()
     database.close()
     on_the_loop = [r for name, r in restarts_by_thread if name == "MainThread"]
     on_the_thread = [r for name, r in restarts_by_thread if name != "MainThread"]
-    assert on_the_loop, "no commit on the loop: nothing was tested"
+    assert len(on_the_loop) > 10, "hardly a commit on the loop: nothing was tested"
     restarts = sum(on_the_loop) + sum(on_the_thread)
-    assert restarts > 0, "the log never restarted: nothing was tested"
+    assert restarts > 10, "the log hardly restarted: nothing was tested"
     assert sum(on_the_loop) == 0, f"{sum(on_the_loop)} of {restarts} restarts on the loop"
+    assert len(rows(database, "SELECT id FROM runs")) == 150
 
 
-def test_the_checkpoint_thread_tells_the_loop_what_it_saw_of_the_log(tmp_path: Path) -> None:
-    """After a checkpoint of a log with pages in it and no commit since, the gate knows
-    the log's size and that the next commit restarts it."""
-    path = tmp_path / "state.db"
-    database = Database.open(f"sqlite:///{path}")
-    history = RunHistory(database)
-    for n in range(20):
-        history.record(finished(f"run-{n:02d}"))
+def test_the_log_index_says_what_sqlite_says(tmp_path: Path) -> None:
+    """The frames in the log and those copied, read from the log's index, are the numbers
+    SQLite's own checkpoint reports."""
+    path = tmp_path / "plain.db"
+    index = LogIndex(path)
+    assert index.frames() is None  # no database, no index
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("CREATE TABLE t (x TEXT)")
+        for n in range(20):
+            conn.execute("INSERT INTO t VALUES (?)", (str(n) * 500,))
+        in_log, copied = index.frames() or (0, 0)
+        assert in_log >= 20 and copied == 0
+        _, reported, reported_copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert index.frames() == (reported, reported_copied) == (in_log, in_log)
+        conn.execute("INSERT INTO t VALUES ('restarts')")
+        assert index.frames() == (1, 0)
+    index.close()
+
+
+def test_the_gate_reads_the_log_only_while_the_checkpoint_thread_runs(tmp_path: Path) -> None:
+    database = Database.open(f"sqlite:///{tmp_path / 'state.db'}")
     gate = database.writes.inline
-    completed = gate.completed
-    database.checkpoint_in_background(every=0.02)
-    for _ in range(100):
-        if gate.completed > completed:
-            break
-        threading.Event().wait(0.02)
-    assert gate.completed > completed
-    assert gate.log_pages > 0
-    assert not gate.open()  # the next commit restarts the log: not the loop's
+    assert not gate.open()
+    database.checkpoint_in_background(every=0.01)
+    assert gate.open()
     database.close()
-    assert not gate.watched
+    assert gate.log is None and not gate.open()
