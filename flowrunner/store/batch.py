@@ -46,6 +46,11 @@ INSERT, UPDATE, DELETE = 0, 1, 2
 
 Row = tuple[int, Executable, dict[str, Any]]
 
+# A lone write with more text than this is the writer thread's, whatever the log: its
+# pages could fill SQLite's page cache, which then writes them to the log before the
+# commit (restarting it if it was all copied), before the loop has looked at the log.
+INLINE_MAX_BYTES = 256 * 1024
+
 
 def _by_order(group: tuple[tuple[int, Executable], list[dict[str, Any]]]) -> int:
     return group[0][0]
@@ -123,6 +128,17 @@ def _all_failed(writes: list[_Write], exc: BaseException) -> list[_Outcome]:
     return [(write.future, None, error) for write in writes if write.future is not None]
 
 
+def _text_bytes(statements: list[tuple[str, list[Any]]]) -> int:
+    """About how many bytes the statements' values take (text and blobs)."""
+    size = 0
+    for _, params in statements:
+        for values in params:
+            for value in values.values() if isinstance(values, dict) else values:
+                if isinstance(value, str | bytes):
+                    size += len(value)
+    return size
+
+
 def _on_their_way(writes: list[_Write]) -> list[_Write]:
     """The writes are on their way to the disk (on the event loop's thread): no deferred
     one waits for its delay any more, and each has its rows. A write whose rows cannot be
@@ -160,9 +176,10 @@ class InlineCommits:
 
     So the loop commits only while it can read the log's index (a SQLite file, with the
     checkpoint thread keeping a connection to it: ``log``) and no other connection writes
-    (``outside``); and then only if, once its transaction holds SQLite's write lock, the
-    log is neither all copied nor near the checkpoint size (``log_quiet``); else it rolls
-    back and hands the write off. That look is exact: under the write lock no other commit
+    (``outside``); only a write of modest size (``INLINE_MAX_BYTES``); and only if the log
+    is neither all copied nor near the checkpoint size (``log_quiet``), looked at before
+    the transaction (to skip it) and once it holds SQLite's write lock (else it rolls
+    back and hands the write off). That look is exact: under the write lock no other commit
     changes the log, and a checkpoint only copies more of it. If the log was all copied
     when the transaction began (the case in which its commit restarts the log), it still
     is; if it is not all copied now, this commit does not restart it. A checkpoint running
@@ -417,14 +434,19 @@ class WriteBatcher:
         _resolve(outcomes)
 
     def _commit_here(self, write: _Write) -> bool:
-        """Commit a lone write on the loop, if its commit cannot wait for the disk. False
-        if it was not committed: the log was about to restart or to be checkpointed, or
-        the commit failed (the writer thread tries it again, and retries it alone)."""
+        """Commit a lone write on the loop, unless its commit could wait for the disk:
+        False then, with nothing written (the writer thread commits it). A write that
+        fails here fails: it had a transaction of its own, which is what a retry alone
+        would be."""
         try:
             if not self._commit(write.rows, only_if_quiet=True):
                 return False
-        except Exception:
-            return False
+        except Exception as exc:
+            if write.future is None:
+                log.exception("a deferred write to the state store failed")
+            else:
+                _resolve([(write.future, None, exc)])
+            return True
         except BaseException as exc:  # an interrupt: nobody waits forever
             _resolve(_all_failed([write], exc))
             raise
@@ -533,18 +555,24 @@ class WriteBatcher:
         groups: dict[tuple[int, Executable], list[dict[str, Any]]] = {}
         for order, statement, row in rows:
             groups.setdefault((order, statement), []).append(row)
+        statements: list[tuple[str, list[Any]]] = []
+        for (_, statement), many in sorted(groups.items(), key=_by_order):
+            prepared = self._prepare(statement, tuple(many[0]))
+            statements.append((prepared.sql, [prepared.values(row) for row in many]))
+        if only_if_quiet and (
+            not self.inline.log_quiet() or _text_bytes(statements) > INLINE_MAX_BYTES
+        ):
+            return False  # not worth a transaction to roll back
         with self._lock:
             connection = self._connection or self._connect()
             try:
                 cursor = connection.cursor()
                 try:
-                    for (_, statement), many in sorted(groups.items(), key=_by_order):
-                        prepared = self._prepare(statement, tuple(many[0]))
-                        params: list[Any] = [prepared.values(row) for row in many]
-                        cursor.executemany(prepared.sql, params)
+                    for sql, params in statements:
+                        cursor.executemany(sql, params)
                 finally:
                     cursor.close()
-                if only_if_quiet and not self.inline.log_quiet():
+                if only_if_quiet and not self.inline.log_quiet():  # now under the write lock
                     self._rollback(connection)
                     return False
                 connection.commit()

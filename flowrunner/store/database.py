@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time as clock
@@ -114,7 +115,8 @@ class Database:
             # While the thread's connection is open, the log's index stays the file the
             # loop reads: SQLite removes it only when the last connection closes.
             connection = self.engine.raw_connection()
-            gate.log = LogIndex(Path(path))
+            # SQLite puts the index next to the real file, not next to a link to it.
+            gate.log = LogIndex(Path(os.path.realpath(path)))
             return connection
 
         def forget_log() -> None:

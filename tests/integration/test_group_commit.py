@@ -4,6 +4,7 @@ bad write fails alone, and run history is written once for a short run."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import threading
 import time
@@ -694,22 +695,26 @@ async def test_the_loop_never_restarts_the_log(tmp_path: Path, checkpoints: str)
     database.checkpoint_in_background(every=0.005 if checkpoints.startswith("the") else 3600)
     stop = threading.Event()
 
-    def checkpoint_without_pause() -> None:
+    def checkpoint_now_and_then() -> None:
+        pauses = itertools.cycle((0, 0, 0.001, 0, 0.003))
         with sqlite3.connect(path) as conn:
-            while not stop.is_set():
+            while not stop.wait(next(pauses)):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
-    checkpointer = threading.Thread(target=checkpoint_without_pause)
+    checkpointer = threading.Thread(target=checkpoint_now_and_then)
     if checkpoints == "another connection's":
         checkpointer.start()
     batcher = database.writes
     restarts_by_thread: list[tuple[str, int]] = []
+    loop_commits = 0
     commit = batcher._commit
 
     def observed(rows: Any, only_if_quiet: bool = False) -> bool:
+        nonlocal loop_commits
         before = wal_restarts(path)
         committed = commit(rows, only_if_quiet)
         restarts_by_thread.append((threading.current_thread().name, wal_restarts(path) - before))
+        loop_commits += committed and threading.current_thread().name == "MainThread"
         return committed
 
     batcher._commit = observed  # type: ignore[method-assign]
@@ -725,7 +730,7 @@ async def test_the_loop_never_restarts_the_log(tmp_path: Path, checkpoints: str)
     database.close()
     on_the_loop = [r for name, r in restarts_by_thread if name == "MainThread"]
     on_the_thread = [r for name, r in restarts_by_thread if name != "MainThread"]
-    assert len(on_the_loop) > 10, "hardly a commit on the loop: nothing was tested"
+    assert loop_commits > 10, "hardly a commit on the loop: nothing was tested"
     restarts = sum(on_the_loop) + sum(on_the_thread)
     assert restarts > 10, "the log hardly restarted: nothing was tested"
     assert sum(on_the_loop) == 0, f"{sum(on_the_loop)} of {restarts} restarts on the loop"
@@ -761,3 +766,58 @@ def test_the_gate_reads_the_log_only_while_the_checkpoint_thread_runs(tmp_path: 
     assert gate.open()
     database.close()
     assert gate.log is None and not gate.open()
+
+
+async def test_a_large_lone_write_is_the_writer_thread_s(database: Database) -> None:
+    """A write with much text could fill SQLite's page cache, which then writes to the log
+    before the loop has looked at it: the writer thread commits it, log quiet or not."""
+    threads = count_commits(database)
+    watch(database)
+    history = RunHistory(database)
+    await write_runs(history, ["small"])
+    large = finished("large")
+    large.outputs = {"report": "x" * (3 * 1024 * 1024)}
+    await history.write_finished(large, started_written=False)
+    await write_runs(history, ["small-again"])
+    assert threads == ["MainThread", "state-writer", "MainThread"]
+    database.close()
+    assert rows(database, "SELECT length(outputs) > 3000000 FROM runs WHERE id = 'large'") == [(1,)]
+
+
+async def test_a_lone_write_that_fails_on_the_loop_fails_once(database: Database) -> None:
+    """Its transaction was its own: the write fails with SQLite's error, without another
+    try on the writer thread, and the next write commits on the loop."""
+    watch(database)
+    history = RunHistory(database)
+    await write_runs(history, ["taken"])
+    attempts: list[str] = []
+    commit = database.writes._commit
+
+    def counted(rows: Any, only_if_quiet: bool = False) -> bool:
+        attempts.append(threading.current_thread().name)
+        return commit(rows, only_if_quiet)
+
+    database.writes._commit = counted  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.IntegrityError):
+        await write_runs(history, ["taken"])  # the same run id again
+    assert attempts == ["MainThread"]
+    await write_runs(history, ["next"])
+    assert attempts == ["MainThread", "MainThread"]
+    database.close()
+    assert sorted(rows(database, "SELECT id FROM runs")) == [("next",), ("taken",)]
+
+
+async def test_a_database_reached_through_a_link_has_its_log_read(tmp_path: Path) -> None:
+    """SQLite puts the log's index next to the real file: read there, not beside the link."""
+    (tmp_path / "real").mkdir()
+    Database.open(f"sqlite:///{tmp_path / 'real' / 'state.db'}").close()
+    link = tmp_path / "state.db"
+    link.symlink_to(tmp_path / "real" / "state.db")
+    database = Database.open(f"sqlite:///{link}")
+    threads = count_commits(database)
+    gate = watch(database)
+    assert gate.log is not None and gate.log.frames() is not None
+    await write_runs(RunHistory(database), ["a", "b"])
+    # (The first write of a new log syncs its header: the writer thread's.)
+    assert threads == ["state-writer", "MainThread"]
+    database.close()
