@@ -5,7 +5,7 @@
 Each measurement builds a fresh SQLite state database (in a temporary directory) holding
 ``--runs`` finished runs older than the cutoff, each with two http steps whose request and
 response bodies are ``--body`` characters (about 15 KB a run by default), and 1,000 recent
-runs that must stay. Then, with the log checkpointed in the background as ``flowrunner serve``
+runs that must stay. Then, with the log checkpointed by a thread as ``flowrunner serve``
 does (and no checkpoint by a committing connection: it runs once the commit has let the
 write lock go, and would be timed as if it held it):
 

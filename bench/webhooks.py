@@ -388,36 +388,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def process_usage(pid: int) -> tuple[float, int] | None:
-    """The CPU seconds (user and system) all threads of a process and of its children
-    have used (flowrunner checkpoints its state database from a child process), and the
+    """The CPU seconds (user and system) all threads of a process have used, and the
     times they were switched off the CPU (voluntarily or not), from /proc; None where
     there is no /proc. A thread that ended took its count with it: the servers' threads
     live as long as they do."""
-    usage = _threads_usage(pid)
-    if usage is None:
-        return None
-    seconds, switches = usage
-    for child in _children(pid):
-        child_seconds, child_switches = _threads_usage(child) or (0.0, 0)
-        seconds, switches = seconds + child_seconds, switches + child_switches
-    return seconds, switches
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # its parent
-            children.append(int(entry))
-    return children
-
-
-def _threads_usage(pid: int) -> tuple[float, int] | None:
     seconds, switches = 0.0, 0
     try:
         threads = os.listdir(f"/proc/{pid}/task")
@@ -684,8 +658,7 @@ def count_instructions(
     count whatever else the machine does, where wall and CPU time here move by ±10%. One
     client sends ``args.callgrind`` webhooks one after the other, after a warm-up; the
     counters are zeroed between the two. By thread: the event loop's, and flowrunner's
-    writer thread. flowrunner's checkpoint process (a child of the server, which valgrind
-    does not follow) is not counted, nor are cache misses and context switches."""
+    writer and checkpoint threads. Cache misses and context switches are not counted."""
     out = root.parent / f"callgrind.{variant}"
     wrapper = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",

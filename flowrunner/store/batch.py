@@ -36,7 +36,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import Executable, sqltypes
 from sqlalchemy.types import TypeEngine
 
-from flowrunner.sqlitelog import LogIndex
+from flowrunner.store.wal import LogIndex
 
 log = logging.getLogger("flowrunner.store")
 
@@ -175,7 +175,7 @@ class InlineCommits:
     - while another connection writes (a prune), a commit waits for its lock.
 
     So the loop commits only while it can read the log's index (a SQLite file, with the
-    checkpoint process running and a connection kept open: ``log``) and no other connection writes
+    checkpoint thread keeping a connection to it: ``log``) and no other connection writes
     (``outside``); only a write of modest size (``INLINE_MAX_BYTES``); and only if the log
     is neither all copied nor near the checkpoint size (``log_quiet``), looked at before
     the transaction (to skip it) and once it holds SQLite's write lock (else it rolls
@@ -187,7 +187,7 @@ class InlineCommits:
 
     def __init__(self, max_log_frames: int) -> None:
         self.max_log_frames = max_log_frames
-        self.log: LogIndex | None = None  # set while the checkpoint process runs
+        self.log: LogIndex | None = None  # set while the checkpoint thread runs
         self._outside = 0  # writes of other connections under way
         self._outside_lock = threading.Lock()
 

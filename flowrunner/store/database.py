@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time as clock
 from collections.abc import Callable
@@ -18,20 +16,23 @@ from sqlalchemy import Connection, Engine, PoolProxiedConnection, create_engine,
 
 from flowrunner import jsontext
 from flowrunner.errors import ConfigurationError
-from flowrunner.sqlitelog import LogIndex
 from flowrunner.store.batch import WriteBatcher
 from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
+from flowrunner.store.wal import LogIndex
 
 log = logging.getLogger("flowrunner.store")
 STATE_DIR = ".flowrunner"
 AUTOCHECKPOINT_PAGES = 10_000
-# Under steady writes a background checkpoint never completes (commits add to the log
-# while it copies), so the log restarts only at the writer's own checkpoint, at
-# AUTOCHECKPOINT_PAGES, and that one copies what the background has not yet: 40-110 ms
-# of a commit held when it ran every second, about 15 ms at 0.25 s. Many small
-# checkpoints hold the server less than a few large ones (W1's one-client p99: 5-12 ms
-# at 0.25 s, 3 ms at 0.05 s).
+# Under steady writes a checkpoint from the background thread never completes (commits
+# add to the log while it copies), so the log restarts only at the writer's own
+# checkpoint, at AUTOCHECKPOINT_PAGES, and that one copies what the thread has not yet:
+# 40-110 ms of a commit held when the thread ran every second, about 15 ms at 0.25 s.
+# Each checkpoint also takes the CPU from the event loop while it copies (one core):
+# many small ones hold the loop less than a few large ones (W1's one-client p99: 5-12 ms
+# at 0.25 s, 3 ms at 0.05 s). The thread skips a turn when nothing was committed, but
+# checkpoints at least every IDLE_CHECKPOINT_SECONDS (for writes outside the batcher).
 CHECKPOINT_SECONDS = 0.05
+IDLE_CHECKPOINT_SECONDS = 1.0
 
 
 # Each transaction of a long delete (pruning the history) aims at this long: the server's
@@ -92,30 +93,74 @@ class Database:
         # The loop may commit itself while the log is well under the size at which a
         # commit checkpoints (see InlineCommits): a lone write adds a handful of pages.
         self.writes = WriteBatcher(engine, max_inline_log_frames=AUTOCHECKPOINT_PAGES * 9 // 10)
-        self._checkpointer: subprocess.Popen[bytes] | None = None
-        self._keeper: PoolProxiedConnection | None = None
+        self._checkpoints: threading.Event | None = None
+        self._checkpointer: threading.Thread | None = None
 
     def checkpoint_in_background(self, every: float = CHECKPOINT_SECONDS) -> None:
-        """SQLite: copy the write-ahead log into the database every ``every`` seconds,
-        from a process of its own at the lowest priority (see ``flowrunner.sqlitelog``),
-        so that no commit of the server's has to (a long-running process calls this;
-        short commands never fill the log). Meanwhile the loop may commit lone writes
-        itself (see InlineCommits), reading the log's index."""
+        """SQLite: copy the write-ahead log into the database from a thread, every
+        ``every`` seconds, so that no commit on the event loop has to (a long-running
+        process calls this; short commands never fill the log). Meanwhile the loop may
+        commit lone writes itself (see InlineCommits): the thread's connection keeps the
+        log's index there to read."""
         path = self.engine.url.database
         if self.engine.dialect.name != "sqlite" or not path or path == ":memory:":
             return
-        if self._checkpointer is not None:
+        if self._checkpoints is not None:
             return
-        # SQLite puts the index next to the real file, not next to a link to it.
-        real = Path(os.path.realpath(path))
-        # A connection kept open: SQLite removes the index when the last one closes, and
-        # the loop reads the file it mapped.
-        self._keeper = self.engine.raw_connection()
-        self._checkpointer = subprocess.Popen(  # noqa: S603 (this interpreter, a path)
-            [sys.executable, "-m", "flowrunner.sqlitelog", str(real), str(every)],
-            stdin=subprocess.PIPE,  # closed by close(), or by the end of this process
+        stop = self._checkpoints = threading.Event()
+        gate = self.writes.inline
+        opened = threading.Event()
+
+        def connect() -> PoolProxiedConnection:
+            # While the thread's connection is open, the log's index stays the file the
+            # loop reads: SQLite removes it only when the last connection closes.
+            connection = self.engine.raw_connection()
+            # SQLite puts the index next to the real file, not next to a link to it.
+            gate.log = LogIndex(Path(os.path.realpath(path)))
+            return connection
+
+        def forget_log() -> None:
+            log_index, gate.log = gate.log, None
+            if log_index is not None:
+                log_index.close()
+
+        def checkpoint() -> None:
+            done_at, commits = clock.monotonic(), -1
+            # A connection of the thread's own, kept: taking one from the pool at each
+            # turn cost a tenth of the checkpoint.
+            connection: PoolProxiedConnection | None = None
+            try:
+                connection = connect()
+            except Exception:
+                log.exception("opening the state database to checkpoint it failed")
+            opened.set()
+            while not stop.wait(every):
+                now = clock.monotonic()
+                if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
+                    continue  # nothing new in the log
+                commits, done_at = self.writes.commits, now
+                try:
+                    connection = connection or connect()
+                    cursor = connection.cursor()
+                    try:
+                        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    finally:
+                        cursor.close()
+                except Exception:
+                    log.exception("checkpointing the state database failed")
+                    forget_log()
+                    if connection is not None:
+                        connection.invalidate()  # the next turn opens another
+                        connection = None
+            forget_log()
+            if connection is not None:
+                connection.close()
+
+        self._checkpointer = threading.Thread(
+            target=checkpoint, name="state-checkpoint", daemon=True
         )
-        self.writes.inline.log = LogIndex(real)
+        self._checkpointer.start()
+        opened.wait(timeout=5)
 
     @classmethod
     def open(cls, url: str) -> Database:
@@ -162,22 +207,12 @@ class Database:
                 conn.execute(schema_version.update().values(version=version + 1))
 
     def close(self) -> None:
-        log_index, self.writes.inline.log = self.writes.inline.log, None
-        if log_index is not None:
-            log_index.close()
-        checkpointer, self._checkpointer = self._checkpointer, None
-        if checkpointer is not None:
-            if checkpointer.stdin is not None:
-                checkpointer.stdin.close()  # it quits
-            try:
-                checkpointer.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                checkpointer.kill()
-                checkpointer.wait()
+        if self._checkpoints is not None:
+            self._checkpoints.set()
+        if self._checkpointer is not None:
+            # It gives its connection back before the pool is disposed of.
+            self._checkpointer.join(timeout=5)
         self.writes.close()
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.close()
         self.engine.dispose()
 
 

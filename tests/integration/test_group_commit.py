@@ -17,12 +17,12 @@ from sqlalchemy import JSON, DateTime, event
 
 from flowrunner.events import EventBus, RunEvent
 from flowrunner.history import HistoryRecorder
-from flowrunner.sqlitelog import LogIndex
 from flowrunner.store.batch import InlineCommits, _Prepared
 from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
 from flowrunner.store.runs import _INSERT_RUN, RunHistory, RunRecord, StepRecord, finished_rows
+from flowrunner.store.wal import LogIndex
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ async def test_a_bare_date_output_is_saved_as_iso_text(database: Database) -> No
     database.close()
 
 
-def test_the_server_keeps_the_write_ahead_log_small_in_the_background(tmp_path: Path) -> None:
+def test_the_server_keeps_the_write_ahead_log_small_from_a_thread(tmp_path: Path) -> None:
     """Commits never checkpoint below ~40 MB of log; the background checkpoint copies the
     log into the database (what a server runs), so the data is in the main file."""
     path = tmp_path / "state.db"
@@ -566,7 +566,7 @@ async def write_runs(history: RunHistory, names: list[str]) -> None:
 
 
 def watch(database: Database) -> InlineCommits:
-    """The checkpoint process running (the log's index readable for the gate), but
+    """The checkpoint thread running (it keeps the log's index readable for the gate), but
     checkpointing nothing during the test."""
     database.checkpoint_in_background(every=3600)
     gate = database.writes.inline
@@ -592,7 +592,7 @@ def wal_restarts(path: Path) -> int:
 async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
     database: Database,
 ) -> None:
-    """With the checkpoint process running and the log's index readable, a lone write skips the
+    """With the checkpoint thread keeping the log's index readable, a lone write skips the
     hand-off to the writer thread."""
     threads = count_commits(database)
     watch(database)
@@ -615,7 +615,7 @@ async def test_a_lone_write_is_committed_on_the_loop_while_the_log_is_quiet(
 async def test_without_the_checkpoint_thread_every_commit_is_the_writer_thread_s(
     database: Database,
 ) -> None:
-    """A short command (no checkpoint process) does not read the log: the loop never
+    """A short command (no checkpoint thread) does not read the log: the loop never
     commits itself."""
     threads = count_commits(database)
     await write_runs(RunHistory(database), ["a", "b", "c"])
@@ -684,7 +684,7 @@ async def test_while_another_connection_writes_the_loop_leaves_its_commits_to_th
     database.close()
 
 
-@pytest.mark.parametrize("checkpoints", ["the checkpoint process's", "another connection's"])
+@pytest.mark.parametrize("checkpoints", ["the checkpoint thread's", "another connection's"])
 async def test_the_loop_never_restarts_the_log(tmp_path: Path, checkpoints: str) -> None:
     """The commit that restarts the log after a complete checkpoint syncs it: with
     checkpoints completing again and again during lone writes, from the real checkpoint
