@@ -29,10 +29,9 @@ AUTOCHECKPOINT_PAGES = 10_000
 # 40-110 ms of a commit held when the thread ran every second, about 15 ms at 0.25 s.
 # Each checkpoint also takes the CPU from the event loop while it copies (one core):
 # many small ones hold the loop less than a few large ones (W1's one-client p99: 5-12 ms
-# at 0.25 s, 3 ms at 0.05 s). The thread skips a turn when nothing was committed, but
-# checkpoints at least every IDLE_CHECKPOINT_SECONDS (for writes outside the batcher).
+# at 0.25 s, 3 ms at 0.05 s). The thread skips a turn when the log's index says all of it
+# is copied.
 CHECKPOINT_SECONDS = 0.05
-IDLE_CHECKPOINT_SECONDS = 1.0
 
 
 # Each transaction of a long delete (pruning the history) aims at this long: the server's
@@ -125,7 +124,6 @@ class Database:
                 log_index.close()
 
         def checkpoint() -> None:
-            done_at, commits = clock.monotonic(), -1
             # A connection of the thread's own, kept: taking one from the pool at each
             # turn cost a tenth of the checkpoint.
             connection: PoolProxiedConnection | None = None
@@ -135,10 +133,9 @@ class Database:
                 log.exception("opening the state database to checkpoint it failed")
             opened.set()
             while not stop.wait(every):
-                now = clock.monotonic()
-                if self.writes.commits == commits and now - done_at < IDLE_CHECKPOINT_SECONDS:
-                    continue  # nothing new in the log
-                commits, done_at = self.writes.commits, now
+                frames = gate.log.frames() if gate.log is not None else None
+                if frames is not None and frames[0] == frames[1]:
+                    continue  # the whole log is copied already, whoever wrote it
                 try:
                     connection = connection or connect()
                     cursor = connection.cursor()
