@@ -198,10 +198,7 @@ class InlineCommits:
         """Inside a transaction that holds the write lock: whether its commit neither
         restarts nor checkpoints the log."""
         log = self.log
-        try:
-            frames = log.frames() if log is not None else None
-        except ValueError:  # closed meanwhile (shutdown)
-            return False
+        frames = log.frames() if log is not None else None
         if frames is None:
             return False
         in_log, copied = frames

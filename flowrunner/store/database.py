@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time as clock
@@ -111,11 +110,10 @@ class Database:
         opened = threading.Event()
 
         def connect() -> PoolProxiedConnection:
-            # While the thread's connection is open, the log's index stays the file the
-            # loop reads: SQLite removes it only when the last connection closes.
+            # While the thread's connection is open, SQLite keeps the log's index open,
+            # and the loop reads it through SQLite's descriptor (see LogIndex).
             connection = self.engine.raw_connection()
-            # SQLite puts the index next to the real file, not next to a link to it.
-            gate.log = LogIndex(Path(os.path.realpath(path)))
+            gate.log = LogIndex(Path(path))
             return connection
 
         def forget_log() -> None:

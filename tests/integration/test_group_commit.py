@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -22,7 +24,7 @@ from flowrunner.store.crypto import TokenCipher
 from flowrunner.store.database import Database
 from flowrunner.store.queue import Dedupe, Duplicate, QueuedRun, RunQueue
 from flowrunner.store.runs import _INSERT_RUN, RunHistory, RunRecord, StepRecord, finished_rows
-from flowrunner.store.wal import LogIndex
+from flowrunner.store.wal import LogIndex, sync_database
 
 
 @pytest.fixture
@@ -820,4 +822,44 @@ async def test_a_database_reached_through_a_link_has_its_log_read(tmp_path: Path
     await write_runs(RunHistory(database), ["a", "b"])
     # (The first write of a new log syncs its header: the writer thread's.)
     assert threads == ["state-writer", "MainThread"]
+    database.close()
+
+
+# Run by another process: may it lock the byte by which SQLite's connections say the
+# log's index is in use (UNIX_SHM_DMS, 128), as a process opening the database first does?
+_TRY_THE_INDEX_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "r+b") as index:
+    try:
+        fcntl.lockf(index, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+    except OSError:
+        print("in use")
+    else:
+        print("free")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+async def test_reading_the_log_keeps_sqlite_s_locks_on_it(tmp_path: Path) -> None:
+    """Reading the log's index (and syncing the database) must not drop this process's
+    locks on those files, as closing a descriptor of ours would: another process opening
+    the database would then find the index unused and rebuild it under the server."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
+    gate = watch(database)
+    threads = count_commits(database)
+    await write_runs(RunHistory(database), ["a", "b", "c"])
+    assert threads[1:] == ["MainThread", "MainThread"]  # the gate read the index
+    assert gate.log is not None and gate.log.frames() is not None
+    assert sync_database(path)
+
+    def probe() -> str:
+        index = str(path.with_name("state.db-shm"))
+        done = subprocess.run(  # noqa: S603 - our own interpreter and script
+            [sys.executable, "-c", _TRY_THE_INDEX_LOCK, index],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert probe() == "in use"
     database.close()
