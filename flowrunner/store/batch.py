@@ -389,6 +389,14 @@ class WriteBatcher:
             # runs in flight submit meanwhile joins this commit.
             self._scheduled = loop.call_soon(self._hand_off, loop)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No commit of this batcher's meanwhile (from another thread: the checkpoint's).
+        The loop hands its writes to the writer thread, which waits for the end of this,
+        so that the loop never does; one the loop had begun already ends first."""
+        with self.inline.outside(), self._lock:
+            yield
+
     @property
     def pending(self) -> int:
         """Writes not committed yet: waiting, or with the writer thread."""

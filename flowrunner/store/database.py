@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time as clock
@@ -17,7 +18,7 @@ from flowrunner import jsontext
 from flowrunner.errors import ConfigurationError
 from flowrunner.store.batch import WriteBatcher
 from flowrunner.store.schema import LATEST_VERSION, MIGRATIONS, metadata, schema_version
-from flowrunner.store.wal import LogIndex
+from flowrunner.store.wal import LogIndex, sync_database
 
 log = logging.getLogger("flowrunner.store")
 STATE_DIR = ".flowrunner"
@@ -31,6 +32,17 @@ AUTOCHECKPOINT_PAGES = 10_000
 # at 0.25 s, 3 ms at 0.05 s). The thread skips a turn when the log's index says all of it
 # is copied.
 CHECKPOINT_SECONDS = 0.05
+# The log restarts (its file written from the start again) only after a checkpoint that
+# copied all of it, and with a commit about every millisecond (one client) the thread's
+# checkpoint never does: commits land while it copies. The log then grew to
+# AUTOCHECKPOINT_PAGES every two seconds or so; there the commits went to the writer
+# thread, and one of them waited 7-13 ms for its checkpoint. So once the log has this many
+# frames, the thread copies the frames left with this process's commits held, and the
+# next commit (the writer thread's) restarts the log. A checkpoint that completes also
+# syncs the database file with all that the others copied since the last one (4-10 ms at
+# 2,000 frames, more as the file grows): the thread syncs it first, unheld, and the hold
+# then takes about 2 ms.
+RESTART_LOG_FRAMES = 2_000
 
 
 # Each transaction of a long delete (pruning the history) aims at this long: the server's
@@ -94,12 +106,16 @@ class Database:
         self._checkpoints: threading.Event | None = None
         self._checkpointer: threading.Thread | None = None
 
-    def checkpoint_in_background(self, every: float = CHECKPOINT_SECONDS) -> None:
+    def checkpoint_in_background(
+        self, every: float = CHECKPOINT_SECONDS, restart_at: int = RESTART_LOG_FRAMES
+    ) -> None:
         """SQLite: copy the write-ahead log into the database from a thread, every
         ``every`` seconds, so that no commit on the event loop has to (a long-running
         process calls this; short commands never fill the log). Meanwhile the loop may
         commit lone writes itself (see InlineCommits): the thread's connection keeps the
-        log's index there to read."""
+        log's index there to read. Once the log has ``restart_at`` frames, the thread
+        finishes the copy with this process's commits held, so that the log restarts
+        (``RESTART_LOG_FRAMES``; 0: never)."""
         path = self.engine.url.database
         if self.engine.dialect.name != "sqlite" or not path or path == ":memory:":
             return
@@ -108,12 +124,13 @@ class Database:
         stop = self._checkpoints = threading.Event()
         gate = self.writes.inline
         opened = threading.Event()
+        real_path = Path(os.path.realpath(path))
 
         def connect() -> PoolProxiedConnection:
             # While the thread's connection is open, SQLite keeps the log's index open,
             # and the loop reads it through SQLite's descriptor (see LogIndex).
             connection = self.engine.raw_connection()
-            gate.log = LogIndex(Path(path))
+            gate.log = LogIndex(real_path)
             return connection
 
         def forget_log() -> None:
@@ -139,6 +156,13 @@ class Database:
                     cursor = connection.cursor()
                     try:
                         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        frames = gate.log.frames() if gate.log is not None else None
+                        if frames is not None and frames[1] < frames[0] >= restart_at > 0:
+                            # The checkpoint that copies the last frames syncs the database
+                            # file: most of what it would write goes first, unheld.
+                            sync_database(real_path)
+                            with self.writes.held():
+                                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     finally:
                         cursor.close()
                 except Exception:

@@ -863,3 +863,66 @@ async def test_reading_the_log_keeps_sqlite_s_locks_on_it(tmp_path: Path) -> Non
 
     assert probe() == "in use"
     database.close()
+
+
+async def test_a_held_batcher_makes_the_loop_hand_off_and_the_writer_wait(
+    database: Database,
+) -> None:
+    """While the checkpoint thread holds the batcher, the loop does not wait for it: its
+    lone write goes to the writer thread, which commits it once the hold ends."""
+    threads = count_commits(database)
+    watch(database)
+    history = RunHistory(database)
+    await write_runs(history, ["before"])
+    released = threading.Event()
+
+    def hold() -> None:
+        with database.writes.held():
+            released.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        written = history.write_finished(finished("held"), started_written=False)
+        ticks = 0
+        for _ in range(20):  # the loop runs on meanwhile; the write waits
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20 and not written.done()
+    finally:
+        released.set()
+        holder.join(10)
+    await asyncio.wait_for(written, 10)
+    await write_runs(history, ["after"])
+    assert threads == ["MainThread", "state-writer", "MainThread"]
+    database.close()
+    assert sorted(rows(database, "SELECT id FROM runs")) == [("after",), ("before",), ("held",)]
+
+
+def max_frames_while_writing(database: Database, path: Path, commits: int) -> tuple[int, int]:
+    """Commits one after the other from a thread, as fast as they go (a checkpoint seldom
+    finds a moment without one): the most frames the log had, and how often it restarted."""
+    gate = database.writes.inline
+    history = RunHistory(database)
+    restarts = wal_restarts(path)
+    most = 0
+    for n in range(commits):
+        history.record(finished(f"run-{n:05d}", steps=1))
+        frames = gate.log.frames() if gate.log is not None else None
+        most = max(most, frames[0] if frames else 0)
+    return most, wal_restarts(path) - restarts
+
+
+def test_the_checkpoint_thread_restarts_a_log_that_commits_keep_busy(tmp_path: Path) -> None:
+    """With a commit landing during each of its checkpoints, the thread's checkpoint never
+    copies the whole log by itself; past ``restart_at`` frames it copies the rest with the
+    commits held, and the log restarts long before the size at which a commit would
+    checkpoint."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
+    database.checkpoint_in_background(every=0.002, restart_at=300)
+    most, restarts = max_frames_while_writing(database, path, 3000)
+    database.close()
+    assert restarts >= 3
+    assert most < 2_000  # 3,000 commits of several pages each: far more without restarts
+    assert len(rows(database, "SELECT id FROM runs")) == 3000
