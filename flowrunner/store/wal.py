@@ -45,17 +45,20 @@ def sqlite_descriptor(path: Path) -> int | None:
 
 
 def sync_database(database_path: Path) -> bool:
-    """Flush what checkpoints copied into the database file to the disk, through one of
-    SQLite's descriptors; whether there was one to sync. Done before a checkpoint that is
-    to complete, its own sync of the file then has little left to write."""
-    descriptor = sqlite_descriptor(database_path)
-    if descriptor is None:
-        return False
-    try:
-        os.fdatasync(descriptor)
-    except OSError:  # closed meanwhile (or its number given to another file: harmless)
-        return False
-    return True
+    """Flush the database file and its log to the disk, through SQLite's descriptors;
+    whether there was something to sync. Done before a checkpoint that is to complete:
+    its own syncs of both files then have little left to write."""
+    synced = False
+    for path in (database_path, database_path.with_name(database_path.name + "-wal")):
+        descriptor = sqlite_descriptor(path)
+        if descriptor is None:
+            continue
+        try:
+            os.fdatasync(descriptor)
+        except OSError:  # closed meanwhile (or its number given to another file: harmless)
+            continue
+        synced = True
+    return synced
 
 
 class LogIndex:
