@@ -392,8 +392,9 @@ class WriteBatcher:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """No commit of this batcher's meanwhile (from another thread: the checkpoint's).
-        The loop hands its writes to the writer thread, which waits for the end of this,
-        so that the loop never does; one the loop had begun already ends first."""
+        The loop hands its lone writes to the writer thread, which waits for the end of
+        this; one the loop had begun already ends first. (A synchronous ``write_now``
+        waits too, and writes on other connections are not held.)"""
         with self.inline.outside(), self._lock:
             yield
 

@@ -37,12 +37,14 @@ CHECKPOINT_SECONDS = 0.05
 # checkpoint never does: commits land while it copies. The log then grew to
 # AUTOCHECKPOINT_PAGES every two seconds or so; there the commits went to the writer
 # thread, and one of them waited 7-13 ms for its checkpoint. So once the log has this many
-# frames, the thread copies the frames left with this process's commits held, and the
-# next commit (the writer thread's) restarts the log. A checkpoint that completes also
-# syncs the log and the database file, with all that the others copied since the last
-# one (4-14 ms): the thread syncs both first, unheld, and the hold then takes about 1.5
-# ms. At one client, W1's p99 was 5-8% lower with 6,000 frames than with 2,000 (fewer
-# holds), and the same again with the log synced first as well as the database.
+# frames, the thread copies the frames left with this process's batched commits held, and
+# the next commit restarts the log (usually the writer thread's: the loop hands off the
+# first commit after a complete checkpoint). Every checkpoint syncs the log before it
+# copies, but only one that completes syncs the database file, with all that the others
+# copied since the last (4-14 ms): the thread syncs it first, unheld, and the hold then
+# takes about 1.5 ms. At one client, W1's p99 was 5-8% lower with 6,000 frames than
+# with 2,000 (fewer holds), and about as much again with the log synced first too (the
+# frames written meanwhile).
 RESTART_LOG_FRAMES = 6_000
 
 
@@ -148,6 +150,7 @@ class Database:
             except Exception:
                 log.exception("opening the state database to checkpoint it failed")
             opened.set()
+            hold_at = restart_at
             while not stop.wait(every):
                 frames = gate.log.frames() if gate.log is not None else None
                 if frames is not None and frames[0] == frames[1]:
@@ -158,12 +161,21 @@ class Database:
                     try:
                         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                         frames = gate.log.frames() if gate.log is not None else None
-                        if frames is not None and frames[1] < frames[0] >= restart_at > 0:
-                            # The checkpoint that copies the last frames syncs both files:
-                            # most of what it would write goes first, unheld.
+                        if frames is not None and frames[0] < restart_at:
+                            hold_at = restart_at  # (the log restarted)
+                        if frames is not None and frames[1] < frames[0] >= hold_at > 0:
+                            # The checkpoint that copies the last frames syncs the
+                            # database: most of what that writes goes first, unheld.
                             sync_database(real_path)
                             with self.writes.held():
-                                cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                                _, in_log, copied = cursor.execute(
+                                    "PRAGMA wal_checkpoint(PASSIVE)"
+                                ).fetchone()
+                            if copied < in_log:
+                                # A reader of an older state (another process), or a
+                                # write of another connection, kept frames from it: not
+                                # again at each turn, but once the log has grown as much.
+                                hold_at = in_log + restart_at
                     finally:
                         cursor.close()
                 except Exception:

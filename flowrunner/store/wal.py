@@ -67,7 +67,8 @@ class LogIndex:
     SQLite keeps that descriptor while a connection to the database is open, so whoever
     reads it keeps one open meanwhile (the checkpoint thread does). Read after SQLite
     closed it, it gives None; were its number given to another file meanwhile, the
-    numbers read would be wrong, which only changes which thread commits a write."""
+    numbers read would be wrong, which only changes which thread commits a write and
+    when the checkpoint thread checkpoints, never what is written."""
 
     def __init__(self, database_path: Path) -> None:
         # SQLite puts the index next to the real file, not next to a link to it.

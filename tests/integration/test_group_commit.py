@@ -4,12 +4,14 @@ bad write fails alone, and run history is written once for a short run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -825,13 +827,16 @@ async def test_a_database_reached_through_a_link_has_its_log_read(tmp_path: Path
     database.close()
 
 
-# Run by another process: may it lock the byte by which SQLite's connections say the
-# log's index is in use (UNIX_SHM_DMS, 128), as a process opening the database first does?
-_TRY_THE_INDEX_LOCK = """
+# Run by another process: may it lock these bytes of a file exclusively? Of the log's
+# index, the byte by which SQLite's connections say the index is in use (UNIX_SHM_DMS,
+# 128), as a process opening the database first does; of the database, the range of
+# SHARED locks (from PENDING_BYTE + 2, 510 bytes), as a process closing the last
+# connection does before it deletes the log.
+_TRY_A_LOCK = """
 import fcntl, sys
-with open(sys.argv[1], "r+b") as index:
+with open(sys.argv[1], "r+b") as file:
     try:
-        fcntl.lockf(index, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, int(sys.argv[3]), int(sys.argv[2]))
     except OSError:
         print("in use")
     else:
@@ -841,9 +846,10 @@ with open(sys.argv[1], "r+b") as index:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 async def test_reading_the_log_keeps_sqlite_s_locks_on_it(tmp_path: Path) -> None:
-    """Reading the log's index (and syncing the database) must not drop this process's
+    """Reading the log's index and syncing the database must not drop this process's
     locks on those files, as closing a descriptor of ours would: another process opening
-    the database would then find the index unused and rebuild it under the server."""
+    the database would then find the index unused and rebuild it under the server, or
+    one closing it would delete the log."""
     path = tmp_path / "state.db"
     database = Database.open(f"sqlite:///{path}")
     gate = watch(database)
@@ -853,16 +859,17 @@ async def test_reading_the_log_keeps_sqlite_s_locks_on_it(tmp_path: Path) -> Non
     assert gate.log is not None and gate.log.frames() is not None
     assert sync_database(path)
 
-    def probe() -> str:
-        index = str(path.with_name("state.db-shm"))
+    def probe(file: Path, start: int, length: int) -> str:
         done = subprocess.run(  # noqa: S603 - our own interpreter and script
-            [sys.executable, "-c", _TRY_THE_INDEX_LOCK, index],
+            [sys.executable, "-c", _TRY_A_LOCK, str(file), str(start), str(length)],
             capture_output=True, text=True, timeout=30, check=True,
         )  # fmt: skip
         return done.stdout.strip()
 
-    assert probe() == "in use"
+    assert probe(path.with_name("state.db-shm"), 128, 1) == "in use"
+    assert probe(path, 0x40000002, 510) == "in use"
     database.close()
+    assert probe(path, 0x40000002, 510) == "free"  # (the probe sees a lock it may take)
 
 
 async def test_a_held_batcher_makes_the_loop_hand_off_and_the_writer_wait(
@@ -926,3 +933,46 @@ def test_the_checkpoint_thread_restarts_a_log_that_commits_keep_busy(tmp_path: P
     assert restarts >= 3
     assert most < 2_000  # 3,000 commits of several pages each: far more without restarts
     assert len(rows(database, "SELECT id FROM runs")) == 3000
+
+
+def test_a_hold_that_cannot_finish_is_not_tried_at_every_turn(tmp_path: Path) -> None:
+    """A reader of an older state in another connection keeps the last frames from any
+    checkpoint: the thread holds the commits once, then again only once the log has grown
+    by ``restart_at`` frames; once the reader is gone, the log restarts."""
+    path = tmp_path / "state.db"
+    database = Database.open(f"sqlite:///{path}")
+    holds = 0
+    hold = database.writes.held
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[None]:
+        nonlocal holds
+        holds += 1
+        with hold():
+            yield
+
+    database.writes.held = counted  # type: ignore[method-assign]
+    history = RunHistory(database)
+    history.record(finished("first", steps=1))
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM runs").fetchone()  # a snapshot, kept
+    database.checkpoint_in_background(every=0.002, restart_at=300)
+    gate = database.writes.inline
+    for n in range(250):  # paced: many turns of the thread meanwhile
+        history.record(finished(f"run-{n:03d}", steps=1))
+        time.sleep(0.002)
+    frames = gate.log.frames() if gate.log is not None else None
+    assert frames is not None and frames[0] > 600  # the log grew: no restart
+    assert 1 <= holds <= frames[0] // 300 + 1
+    reader.execute("COMMIT")
+    reader.close()
+    restarts = wal_restarts(path)
+    for n in range(400):
+        history.record(finished(f"after-{n:03d}", steps=1))
+        if wal_restarts(path) > restarts:
+            break
+        time.sleep(0.002)
+    assert wal_restarts(path) > restarts
+    database.close()
+    assert len(rows(database, "SELECT id FROM runs")) == 252 + n
