@@ -174,8 +174,9 @@ class Database:
                             if copied < in_log:
                                 # A reader of an older state (another process), or a
                                 # write of another connection, kept frames from it: not
-                                # again at each turn, but once the log has grown as much.
-                                hold_at = in_log + restart_at
+                                # again at each turn, but once the log has grown by a
+                                # quarter as much (well before the loop stops committing).
+                                hold_at = in_log + max(1, restart_at // 4)
                     finally:
                         cursor.close()
                 except Exception:

@@ -938,7 +938,7 @@ def test_the_checkpoint_thread_restarts_a_log_that_commits_keep_busy(tmp_path: P
 def test_a_hold_that_cannot_finish_is_not_tried_at_every_turn(tmp_path: Path) -> None:
     """A reader of an older state in another connection keeps the last frames from any
     checkpoint: the thread holds the commits once, then again only once the log has grown
-    by ``restart_at`` frames; once the reader is gone, the log restarts."""
+    by a quarter of ``restart_at`` frames; once the reader is gone, the log restarts."""
     path = tmp_path / "state.db"
     database = Database.open(f"sqlite:///{path}")
     holds = 0
@@ -964,7 +964,7 @@ def test_a_hold_that_cannot_finish_is_not_tried_at_every_turn(tmp_path: Path) ->
         time.sleep(0.002)
     frames = gate.log.frames() if gate.log is not None else None
     assert frames is not None and frames[0] > 600  # the log grew: no restart
-    assert 1 <= holds <= frames[0] // 300 + 1
+    assert 1 <= holds <= (frames[0] - 300) // 75 + 1  # (not at each of its turns)
     reader.execute("COMMIT")
     reader.close()
     restarts = wal_restarts(path)
