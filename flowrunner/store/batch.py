@@ -194,11 +194,15 @@ class InlineCommits:
     def open(self) -> bool:
         return self.log is not None and not self._outside
 
+    def log_frames(self) -> tuple[int, int] | None:
+        """The frames in the log and those copied, while the log's index can be read."""
+        log = self.log
+        return log.frames() if log is not None else None
+
     def log_quiet(self) -> bool:
         """Inside a transaction that holds the write lock: whether its commit neither
         restarts nor checkpoints the log."""
-        log = self.log
-        frames = log.frames() if log is not None else None
+        frames = self.log_frames()
         if frames is None:
             return False
         in_log, copied = frames

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time as clock
@@ -127,13 +126,12 @@ class Database:
         stop = self._checkpoints = threading.Event()
         gate = self.writes.inline
         opened = threading.Event()
-        real_path = Path(os.path.realpath(path))
 
         def connect() -> PoolProxiedConnection:
             # While the thread's connection is open, SQLite keeps the log's index open,
             # and the loop reads it through SQLite's descriptor (see LogIndex).
             connection = self.engine.raw_connection()
-            gate.log = LogIndex(real_path)
+            gate.log = LogIndex(Path(path))
             return connection
 
         def forget_log() -> None:
@@ -152,7 +150,7 @@ class Database:
             opened.set()
             hold_at = restart_at
             while not stop.wait(every):
-                frames = gate.log.frames() if gate.log is not None else None
+                frames = gate.log_frames()
                 if frames is not None and frames[0] == frames[1]:
                     continue  # the whole log is copied already, whoever wrote it
                 try:
@@ -160,13 +158,13 @@ class Database:
                     cursor = connection.cursor()
                     try:
                         cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                        frames = gate.log.frames() if gate.log is not None else None
+                        frames = gate.log_frames()
                         if frames is not None and frames[0] < restart_at:
                             hold_at = restart_at  # (the log restarted)
                         if frames is not None and frames[1] < frames[0] >= hold_at > 0:
                             # The checkpoint that copies the last frames syncs the
                             # database: most of what that writes goes first, unheld.
-                            sync_database(real_path)
+                            sync_database(Path(path))
                             with self.writes.held():
                                 _, in_log, copied = cursor.execute(
                                     "PRAGMA wal_checkpoint(PASSIVE)"

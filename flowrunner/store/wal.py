@@ -48,8 +48,9 @@ def sync_database(database_path: Path) -> bool:
     """Flush the database file and its log to the disk, through SQLite's descriptors;
     whether there was something to sync. Done before a checkpoint that is to complete:
     its own syncs of both files then have little left to write."""
+    real = Path(os.path.realpath(database_path))  # what /proc/self/fd shows
     synced = False
-    for path in (database_path, database_path.with_name(database_path.name + "-wal")):
+    for path in (real, real.with_name(real.name + "-wal")):
         descriptor = sqlite_descriptor(path)
         if descriptor is None:
             continue
